@@ -1,0 +1,1 @@
+"""convserve training: recipes, dataset loaders, training, evaluation and export to models/."""
