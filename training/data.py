@@ -14,10 +14,10 @@ import pickle
 import struct
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -264,7 +264,9 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CONVSERVE_CACHE_DIR", Path.home() / ".cache" / "convserve")) / "datasets"
 
 
-def _load_image_tree_cached(source: Path, input_shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], list[str], str | None]:
+def _load_image_tree_cached(
+    source: Path, input_shape: tuple[int, int, int]
+) -> tuple[dict[str, np.ndarray], list[str], str | None]:
     """Decoding 60k JPEGs takes a while: archives are cached as .npz keyed by their sha256."""
     if source.is_dir():
         arrays, classes = load_image_tree(source, input_shape)

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -141,7 +142,9 @@ dynamic_batching {{
 
 
 def next_version(model_root: Path) -> int:
-    versions = [int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()] if model_root.exists() else []
+    if not model_root.exists():
+        return 1
+    versions = [int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(versions, default=0) + 1
 
 

@@ -7,8 +7,9 @@ named ``probabilities``. Augmentation is *not* part of these graphs (see ``train
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 MNIST_LABELS = tuple(str(d) for d in range(10))
 FASHION_LABELS = (

@@ -46,7 +46,10 @@ def get_strategy() -> Any:
     return tf.distribute.get_strategy()
 
 
-def split_validation(ds: Dataset, size: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+Split = tuple[np.ndarray, np.ndarray]
+
+
+def split_validation(ds: Dataset, size: int, seed: int) -> tuple[Split, Split]:
     """Carve a validation split out of the training set (the test set stays untouched)."""
     order = np.random.default_rng(seed).permutation(len(ds.x_train))
     size = min(size, len(order) // 5)

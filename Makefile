@@ -1,0 +1,38 @@
+# The two commands: `make serve` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODELS_DIR ?= models
+
+.PHONY: serve test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Serving install: ONNX Runtime + FastAPI, no TensorFlow.
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# Everything the tests use: serving, training, the TensorFlow runtime and the dev tools.
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev,train,tf]'
+	touch $@ $(VENV)/.serve
+
+serve: $(VENV)/.serve
+	$(BIN)/python -m service --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check service training tests bench
+
+format: $(VENV)/.dev
+	$(BIN)/ruff format service training tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

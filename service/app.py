@@ -1,0 +1,84 @@
+"""``create_app(settings)``: wires the repository, data plane, routes, errors, middleware and metrics.
+
+Nothing heavy happens at import time; models load in the lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service import __version__
+from service.dataplane import DataPlane
+from service.errors import (
+    ServingError,
+    http_exception_handler,
+    serving_error_handler,
+    unhandled_error_handler,
+    validation_error_handler,
+)
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware, configure_logging
+from service.repository import ModelRepository
+from service.rest import images, tfserving, v2
+from service.settings import Settings
+
+log = logging.getLogger("service.app")
+
+
+def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = metrics or Metrics()
+    configure_logging(settings.log_level)
+    repository = ModelRepository(settings, metrics)
+    dataplane = DataPlane(repository, metrics, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        await repository.refresh()
+        app.state.ready = True
+        log.info("models loaded", extra={
+            "seconds": round(time.perf_counter() - started, 3),
+            "models": {m.name: [v.status() for v in m.versions.values()] for m in repository.models()},
+        })
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await repository.close()
+
+    app = FastAPI(
+        title="convserve",
+        version=__version__,
+        description="Image classification models over REST: image uploads, the Open Inference Protocol "
+                    "(KServe v2) and the TensorFlow Serving REST API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.dataplane = dataplane
+    app.state.ready = False
+
+    app.include_router(images.router)
+    app.include_router(v2.router)
+    app.include_router(tfserving.router)
+
+    @app.get("/metrics", include_in_schema=True, tags=["observability"], summary="Prometheus metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_exception_handler(ServingError, serving_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
+    return app

@@ -1,0 +1,149 @@
+"""Dynamic batching: concurrent requests for one model version are queued and run together.
+
+One worker task per model version takes whatever is waiting (up to ``max_batch_size`` rows,
+waiting at most ``max_queue_delay`` for more), runs it on the version's inference thread,
+and hands each caller its own rows back. While a batch computes, new requests queue up, so
+batches grow with load on their own. The queue is bounded: a full queue refuses at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32
+    """Most rows run together in one batch; a bigger request runs on its own."""
+    max_queue_delay_us: int = 0
+    """How long the first queued request may wait for others (0: batch only what is waiting)."""
+    max_queue_size: int = 512
+    """Most rows waiting; beyond it requests are refused with 503."""
+    timeout_s: float = 30.0
+    """A request still queued after this long is answered 504 and never run."""
+
+
+@dataclass
+class _Item:
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float
+    deadline: float
+
+
+class Batcher:
+    """Queues requests for one runtime and executes them in batches on a dedicated thread."""
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], config: BatchingConfig, name: str,
+                 on_batch: Callable[[int, list[float], float], None] | None = None) -> None:
+        self._predict = predict
+        self.config = config
+        self._name = name
+        self._on_batch = on_batch
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._busy = False
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self._name}")
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        """Queue ``rows`` (a batch of one or more inputs) and wait for their outputs."""
+        if self._closed:
+            raise ModelNotReady(f"model {self._name} is unloading")
+        n = len(rows)
+        if self._queued_rows + n > self.config.max_queue_size and self._queued_rows:
+            raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later")
+        now = time.monotonic()
+        item = _Item(rows, asyncio.get_running_loop().create_future(), now, now + self.config.timeout_s)
+        self._queue.append(item)
+        self._queued_rows += n
+        self._wakeup.set()
+        return await item.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_rows = self.config.max_batch_size
+        delay = self.config.max_queue_delay_us / 1e6
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if delay and self._queued_rows < max_rows:
+                await asyncio.sleep(delay)
+            batch = self._take(max_rows)
+            if not batch:
+                continue
+            started = time.monotonic()
+            inputs = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
+            self._busy = True
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+            except Exception as exc:  # a runtime failure fails this batch only
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(InferenceFailed(f"inference failed: {exc.__class__.__name__}"))
+                continue
+            finally:
+                self._busy = False
+            if self._on_batch is not None:
+                self._on_batch(len(inputs), [started - i.enqueued for i in batch], time.monotonic() - started)
+            offset = 0
+            for item in batch:
+                n = len(item.rows)
+                if not item.future.done():
+                    item.future.set_result(outputs[offset:offset + n])
+                offset += n
+
+    def _take(self, max_rows: int) -> list[_Item]:
+        """Pop requests up to ``max_rows`` rows (always at least one); drop abandoned or expired ones."""
+        batch: list[_Item] = []
+        rows = 0
+        now = time.monotonic()
+        while self._queue:
+            item = self._queue[0]
+            n = len(item.rows)
+            if batch and rows + n > max_rows:
+                break
+            self._queue.popleft()
+            self._queued_rows -= n
+            if item.future.done():  # the caller went away
+                continue
+            if now > item.deadline:
+                item.future.set_exception(DeadlineExceeded(
+                    f"request waited longer than {self.config.timeout_s:g}s in the queue of {self._name}"))
+                continue
+            batch.append(item)
+            rows += n
+        return batch
+
+    async def close(self) -> None:
+        """Stop taking work, let queued requests finish, then stop the thread."""
+        self._closed = True
+        while self._queue or self._busy:
+            await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,138 @@
+"""The one handler every protocol goes through: model lookup, validation, timing, metrics, inference.
+
+Routes (image uploads, KServe v2, TF Serving REST) only translate HTTP into calls here and
+results back into their wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, InvalidInput, Overloaded, ServingError
+from service.metrics import Metrics
+from service.preprocessing import ImageLimits, preprocess
+from service.repository import ModelRepository, ModelVersion
+from service.settings import Settings
+
+# Below this many encoded bytes, decoding inline is cheaper than a hop to a worker thread.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+@dataclass
+class Prediction:
+    """The outcome of one inference request: the version that ran it and its probabilities."""
+
+    model: ModelVersion
+    outputs: np.ndarray
+
+
+def top_k(mv: ModelVersion, probabilities: np.ndarray, k: int) -> list[dict[str, object]]:
+    """Per row: the winning class and the k most probable classes, in input order."""
+    k = max(1, min(k, probabilities.shape[1]))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    results = []
+    for row, classes in zip(probabilities.tolist(), order.tolist()):
+        ranked = [{"class_id": c, "label": mv.label(c), "score": row[c]} for c in classes]
+        results.append({**ranked[0], "top_k": ranked})
+    return results
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.settings = settings
+        self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+
+    def version(self, name: str, version: str | None = None) -> ModelVersion:
+        return self.repository.get(name, version)
+
+    def check_rows(self, mv: ModelVersion, rows: np.ndarray) -> np.ndarray:
+        """Validate a tensor against the model input: [N, H, W, C] float32, finite, within limits."""
+        expected = mv.input.shape[1:]
+        if rows.ndim == len(expected) and rows.shape == tuple(expected):
+            rows = rows[None]  # a single row without its batch dimension
+        if rows.ndim == 3 and expected[-1] == 1 and rows.shape[1:] == tuple(expected[:-1]):
+            rows = rows[..., None]  # grayscale rows sent without the channel axis
+        if rows.ndim != len(expected) + 1 or rows.shape[1:] != tuple(expected):
+            raise InvalidInput(f"input {mv.input.name} must have shape [N, {', '.join(map(str, expected))}], "
+                               f"got {list(rows.shape)}")
+        if len(rows) == 0:
+            raise InvalidInput("the request has no rows")
+        if len(rows) > self.settings.max_request_rows:
+            raise InvalidInput(f"{len(rows)} rows exceed the limit of {self.settings.max_request_rows} per request")
+        if rows.dtype != np.float32:
+            rows = rows.astype(np.float32)
+        if not np.isfinite(rows).all():
+            raise InvalidInput("input contains NaN or Inf values")
+        return rows
+
+    async def infer(self, mv: ModelVersion, rows: np.ndarray) -> Prediction:
+        """Run validated rows [N, H, W, C] through a version's batching queue, with metrics."""
+        m = mv.metrics
+        assert m is not None
+        m.inflight.inc()
+        try:
+            outputs = await mv.predict(rows)
+        except Overloaded:
+            m.rejected("queue_full")
+            m.outcome("rejected")
+            raise
+        except DeadlineExceeded:
+            m.rejected("deadline")
+            m.outcome("timeout")
+            raise
+        except ServingError:
+            m.outcome("error")
+            raise
+        finally:
+            m.inflight.dec()
+        m.outcome("success")
+        m.request_rows.observe(len(rows))
+        if outputs.ndim == 2:
+            winners = outputs.argmax(axis=1)
+            for class_id, confidence in zip(winners.tolist(), outputs[np.arange(len(winners)), winners].tolist()):
+                m.predicted(class_id, mv.label(class_id), confidence)
+        return Prediction(mv, outputs)
+
+    async def infer_tensor(self, name: str, version: str | None, rows: np.ndarray) -> Prediction:
+        mv = self.version(name, version)
+        return await self.infer(mv, self.check_rows(mv, rows))
+
+    async def infer_images(self, name: str, version: str | None, images: list[bytes]) -> Prediction:
+        """Decode and preprocess encoded images for a model, then infer on them as one request."""
+        mv = self.version(name, version)
+        if not images:
+            raise InvalidInput("no images in the request")
+        if len(images) > self.settings.max_images_per_request:
+            raise InvalidInput(f"{len(images)} images exceed the limit of "
+                               f"{self.settings.max_images_per_request} per request")
+        assert mv.image_spec is not None and mv.metrics is not None
+        started = time.perf_counter()
+        try:
+            if sum(len(i) for i in images) <= INLINE_DECODE_BYTES:
+                rows = self._decode_all(mv, images)
+            else:
+                rows = await asyncio.to_thread(self._decode_all, mv, images)
+        except ServingError:
+            mv.metrics.outcome("invalid")
+            raise
+        mv.metrics.preprocess_latency.observe(time.perf_counter() - started)
+        return await self.infer(mv, rows)
+
+    def _decode_all(self, mv: ModelVersion, images: list[bytes]) -> np.ndarray:
+        spec = mv.image_spec
+        assert spec is not None
+        rows = np.empty((len(images), spec.height, spec.width, spec.channels), dtype=np.float32)
+        for i, data in enumerate(images):
+            try:
+                rows[i] = preprocess(data, spec, self.image_limits)
+            except ServingError as exc:
+                if len(images) > 1:
+                    exc.message = f"image {i}: {exc.message}"
+                raise
+        return rows

@@ -1,0 +1,98 @@
+"""Domain errors that know their HTTP status, and the one handler that renders them as JSON."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.responses import json_response
+
+log = logging.getLogger("service.errors")
+
+
+class ServingError(Exception):
+    """Base of every error a client may see; ``status`` is the HTTP status it maps to."""
+
+    status = 500
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServingError):
+    status = 400
+
+
+class Unauthorized(ServingError):
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServingError):
+    status = 403
+
+
+class ModelNotFound(ServingError):
+    status = 404
+
+
+class PayloadTooLarge(ServingError):
+    status = 413
+
+
+class UnsupportedMediaType(ServingError):
+    status = 415
+
+
+class ModelNotReady(ServingError):
+    status = 503
+
+
+class Overloaded(ServingError):
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class DeadlineExceeded(ServingError):
+    status = 504
+
+
+class InferenceFailed(ServingError):
+    status = 500
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": message}, status=status, headers=headers)
+
+
+async def serving_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServingError)
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 and friends, in our JSON shape."""
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or "error"
+    return error_response(status, str(detail), getattr(exc, "headers", None))
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> Response:
+    errors = getattr(exc, "errors", lambda: [])()
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = first.get("msg", "invalid request")
+    return error_response(400, f"{where}: {message}" if where else message)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    """Last resort: log the traceback, tell the client only that it was our fault."""
+    log.exception("unhandled error", extra={"request_id": request.scope.get("request_id")})
+    return error_response(500, "internal server error")

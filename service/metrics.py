@@ -1,0 +1,92 @@
+"""Prometheus metrics, one registry per app, every series prefixed ``convserve_``.
+
+Histograms (never summaries) so percentiles aggregate across replicas. Per-version label
+children are resolved once per model version (:class:`VersionMetrics`), not per request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter("convserve_http_requests_total", "HTTP requests by route template and status",
+                                     ["method", "route", "status"], registry=r)
+        self.http_latency = Histogram("convserve_http_request_duration_seconds", "HTTP request latency",
+                                      ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        labels = ["model", "version"]
+        self.inference_requests = Counter("convserve_inference_requests_total", "Inference requests by outcome",
+                                          [*labels, "outcome"], registry=r)
+        self.inference_latency = Histogram("convserve_inference_duration_seconds",
+                                           "Model compute time per executed batch", labels,
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess_latency = Histogram("convserve_preprocess_duration_seconds",
+                                            "Image decoding and preprocessing time per request", labels,
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_latency = Histogram("convserve_queue_duration_seconds", "Time a request waited for its batch",
+                                       labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.request_rows = Histogram("convserve_request_rows", "Rows (images) per inference request", labels,
+                                      buckets=ROW_BUCKETS, registry=r)
+        self.batch_rows = Histogram("convserve_batch_rows", "Rows per executed batch", labels,
+                                    buckets=ROW_BUCKETS, registry=r)
+        self.inflight = Gauge("convserve_inflight_requests", "Inference requests being handled", labels, registry=r)
+        self.queue_depth = Gauge("convserve_queue_rows", "Rows waiting in the batching queue", labels, registry=r)
+        self.rejected = Counter("convserve_rejected_requests_total", "Requests refused before inference, by reason",
+                                [*labels, "reason"], registry=r)
+        self.predicted_class = Counter("convserve_predicted_class_total", "Predicted (top-1) class counts",
+                                       [*labels, "class"], registry=r)
+        self.confidence = Histogram("convserve_prediction_confidence", "Top-1 probability of each prediction",
+                                    labels, buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.versions_loaded = Gauge("convserve_model_versions_loaded", "Versions of a model loaded and ready",
+                                     ["model"], registry=r)
+        self.load_failures = Counter("convserve_model_load_failures_total", "Model versions that failed to load",
+                                     ["model", "version"], registry=r)
+
+    def for_version(self, model: str, version: int) -> VersionMetrics:
+        return VersionMetrics(self, model, str(version))
+
+
+class VersionMetrics:
+    """The label children of one model version, resolved once."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._metrics = metrics
+        self._labels = (model, version)
+        self.inference_latency = metrics.inference_latency.labels(model, version)
+        self.preprocess_latency = metrics.preprocess_latency.labels(model, version)
+        self.queue_latency = metrics.queue_latency.labels(model, version)
+        self.request_rows = metrics.request_rows.labels(model, version)
+        self.batch_rows = metrics.batch_rows.labels(model, version)
+        self.inflight = metrics.inflight.labels(model, version)
+        self.confidence = metrics.confidence.labels(model, version)
+        self.success = metrics.inference_requests.labels(model, version, "success")
+        self._classes: dict[int, Counter] = {}
+
+    def outcome(self, outcome: str) -> None:
+        if outcome == "success":
+            self.success.inc()
+        else:
+            self._metrics.inference_requests.labels(*self._labels, outcome).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._metrics.rejected.labels(*self._labels, reason).inc()
+
+    def predicted(self, class_id: int, label: str, confidence: float) -> None:
+        child = self._classes.get(class_id)
+        if child is None:
+            child = self._classes[class_id] = self._metrics.predicted_class.labels(*self._labels, label)
+        child.inc()
+        self.confidence.observe(confidence)
+
+    def batch(self, rows: int, waits: list[float], compute_seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.inference_latency.observe(compute_seconds)
+        for wait in waits:
+            self.queue_latency.observe(wait)

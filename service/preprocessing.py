@@ -1,0 +1,147 @@
+"""Image uploads to model inputs: safe decoding, mode conversion, resizing, MNIST-style digits.
+
+Decoding is bounded before any pixel is touched: the encoded size, then the declared
+width x height (a decompression bomb is refused from its header). Digit models get the
+classic MNIST normalisation, so a photo of a digit on paper looks like an MNIST sample.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidInput, PayloadTooLarge
+
+MNIST_BOX = 20  # MNIST digits are fitted into 20x20 ...
+MNIST_SIZE = 28  # ... and centred by centre of mass in 28x28
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model wants: size, channels, and whether to normalise like MNIST."""
+
+    height: int
+    width: int
+    channels: int
+    digit: bool = False
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode the first frame of an encoded image under the byte and pixel limits."""
+    if not data:
+        raise InvalidInput("empty image")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"image of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of "
+                                      f"{limits.max_pixels} pixels")
+            if width < 1 or height < 1:
+                raise InvalidInput("image has no pixels")
+            img.seek(0)  # first frame of an animation
+            img.load()
+            return ImageOps.exif_transpose(img) or img
+    except (PayloadTooLarge, InvalidInput):
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise InvalidInput("not a decodable image (supported: PNG, JPEG, GIF, BMP, WebP, TIFF)") from None
+        raise PayloadTooLarge("image exceeds the pixel limit") from None
+    except Exception as exc:  # truncated or corrupt data surfaces as many error types
+        raise InvalidInput(f"corrupt or truncated image ({exc.__class__.__name__})") from None
+
+
+def to_gray_or_rgb(img: Image.Image, channels: int) -> np.ndarray:
+    """Any Pillow mode to uint8 L or RGB; transparency is composited on white, 16-bit is scaled."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if channels == 1 else arr
+
+
+def normalise_digit(gray: np.ndarray) -> np.ndarray:
+    """MNIST-style normalisation of a grayscale digit image [H, W] uint8 to [28, 28] float32.
+
+    Dark ink on light paper is inverted; the background level is removed; the ink's bounding
+    box is fitted into 20x20 keeping its aspect ratio and pasted into 28x28 so that its centre
+    of mass sits at the centre.
+    """
+    img = gray.astype(np.float32)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    if np.median(border) > 127:  # light background: dark ink on paper
+        img = 255.0 - img
+        border = 255.0 - border
+    img = np.clip(img - np.percentile(border, 75), 0, None)  # paper texture and shadows
+    peak = float(img.max())
+    if peak <= 0:
+        return np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
+    img *= 255.0 / peak
+    ys, xs = np.nonzero(img > 0.2 * 255)
+    img = img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+    h, w = img.shape
+    scale = MNIST_BOX / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BILINEAR
+    box = np.asarray(Image.fromarray(img, "F").resize((new_w, new_h), resample), dtype=np.float32)
+    box = np.clip(box, 0, 255)
+
+    canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
+    top, left = (MNIST_SIZE - new_h) // 2, (MNIST_SIZE - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = box
+    total = canvas.sum()
+    if total > 0:
+        rows, cols = np.indices(canvas.shape)
+        cy, cx = (rows * canvas).sum() / total, (cols * canvas).sum() / total
+        shift_y = int(np.clip(round(MNIST_SIZE / 2 - 0.5 - cy), -top, MNIST_SIZE - new_h - top))
+        shift_x = int(np.clip(round(MNIST_SIZE / 2 - 0.5 - cx), -left, MNIST_SIZE - new_w - left))
+        canvas = np.roll(canvas, (shift_y, shift_x), axis=(0, 1))
+    return canvas
+
+
+def image_to_input(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """A decoded image to one model input row [H, W, C] float32 of raw 0..255 pixels."""
+    if spec.digit and spec.channels == 1 and (spec.height, spec.width) == (MNIST_SIZE, MNIST_SIZE):
+        gray = to_gray_or_rgb(img, 1)[..., 0]
+        return normalise_digit(gray)[..., None]
+    arr = to_gray_or_rgb(img, spec.channels)
+    if arr.shape[:2] != (spec.height, spec.width):
+        mode = "L" if spec.channels == 1 else "RGB"
+        resized = Image.fromarray(arr[..., 0] if spec.channels == 1 else arr, mode).resize(
+            (spec.width, spec.height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        arr = np.asarray(resized, dtype=np.uint8).reshape(spec.height, spec.width, spec.channels)
+    return arr.astype(np.float32)
+
+
+def preprocess(data: bytes, spec: ImageSpec, limits: ImageLimits) -> np.ndarray:
+    """Encoded image bytes to one model input row."""
+    img = decode_image(data, limits)
+    try:
+        return image_to_input(img, spec)
+    finally:
+        img.close()

@@ -1,0 +1,1 @@
+"""HTTP routes: one module per protocol; each parses the request, calls the data plane, shapes the reply."""

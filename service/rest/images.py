@@ -1,0 +1,129 @@
+"""Image endpoints: ``POST /models/{name}[/versions/{v}]/predict`` and ``GET /models``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from service.dataplane import DataPlane, top_k
+from service.errors import InvalidInput, UnsupportedMediaType
+from service.responses import json_response
+from service.rest.body import media_type, parse_json, read_body
+from service.rest.schemas import ErrorResponse, ModelsResponse, PredictResponse
+
+router = APIRouter(tags=["images"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "Bad input"), (404, "Unknown model or version"), (413, "Too large"),
+                       (415, "Unsupported media type"), (503, "Model not ready or overloaded"))
+}
+
+PREDICT_BODY = {
+    "requestBody": {
+        "description": "Multipart image files (any field name; `file` or `files` by convention), "
+                       "a raw image body with an `image/*` content type, or JSON with base64 images.",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "top_k": {"type": "integer"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/Base64Images"}},
+        },
+    }
+}
+
+
+def _top_k_value(value: Any, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput("top_k must be a positive integer") from None
+    if k < 1:
+        raise InvalidInput("top_k must be a positive integer")
+    return k
+
+
+async def _images_from_request(request: Request, limit: int, max_images: int) -> tuple[list[bytes], Any]:
+    """The encoded images of a request and its top_k field, whatever the body format."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        await read_body(request, limit)
+        try:
+            form = await request.form(max_files=max_images + 1, max_fields=16)
+        except Exception as exc:  # python-multipart raises several error types on malformed input
+            raise InvalidInput(f"malformed multipart body ({getattr(exc, 'detail', exc)})") from None
+        images = [await v.read() for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        await form.close()
+        return images, form.get("top_k")
+    if kind.startswith("image/") or kind == "application/octet-stream":
+        return [await read_body(request, limit)], None
+    if kind == "application/json":
+        payload = parse_json(await read_body(request, limit))
+        if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+            raise InvalidInput('JSON body must be {"images": ["<base64>", ...], "top_k": k}')
+        images = []
+        for i, item in enumerate(payload["images"]):
+            if not isinstance(item, str):
+                raise InvalidInput(f"images[{i}] must be a base64 string")
+            if item.startswith("data:") and "," in item:
+                item = item.split(",", 1)[1]  # a data: URL from a browser
+            try:
+                images.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, ValueError):
+                raise InvalidInput(f"images[{i}] is not valid base64") from None
+        return images, payload.get("top_k")
+    raise UnsupportedMediaType(
+        f"unsupported content type {kind or '(none)'!r}: send multipart/form-data, image/*, or application/json")
+
+
+async def _predict(request: Request, name: str, version: str | None) -> Response:
+    dataplane: DataPlane = request.app.state.dataplane
+    settings = dataplane.settings
+    dataplane.version(name, version)  # 404/503 before reading a large body
+    images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
+    k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
+    result = await dataplane.infer_images(name, version, images)
+    mv = result.model
+    return json_response({"model": mv.name, "version": mv.version, "predictions": top_k(mv, result.outputs, k)})
+
+
+@router.post("/models/{name}/predict", response_model=None, responses={200: {"model": PredictResponse}, **ERRORS},
+             openapi_extra=PREDICT_BODY, summary="Classify images with the newest version of a model")
+async def predict(request: Request, name: str) -> Response:
+    return await _predict(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/predict", response_model=None,
+             responses={200: {"model": PredictResponse}, **ERRORS}, openapi_extra=PREDICT_BODY,
+             summary="Classify images with one version of a model")
+async def predict_version(request: Request, name: str, version: str) -> Response:
+    return await _predict(request, name, version)
+
+
+@router.get("/models", response_model=None, responses={200: {"model": ModelsResponse}},
+            summary="Models, their versions and state, and what they take")
+async def list_models(request: Request) -> Response:
+    dataplane: DataPlane = request.app.state.dataplane
+    models = []
+    for model in dataplane.repository.models():
+        ready = model.ready_versions()
+        newest = ready[-1] if ready else None
+        entry: dict[str, Any] = {
+            "name": model.name,
+            "default_version": newest.version if newest else None,
+            "versions": [mv.status() for _, mv in sorted(model.versions.items())],
+        }
+        if newest is not None and newest.runtime is not None:
+            entry.update(platform=newest.runtime.platform, input=newest.input.to_dict(),
+                         output=newest.output.to_dict(), labels=newest.labels,
+                         digit=bool(newest.image_spec and newest.image_spec.digit))
+        models.append(entry)
+    return json_response({"models": models})

@@ -1,0 +1,159 @@
+"""TensorFlow Serving REST API: model status, metadata, and ``:predict`` (row and columnar forms).
+
+Rows may also carry encoded images as ``{"b64": "..."}``, as TF Serving clients send binary
+values; those go through the same image preprocessing as uploads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service.dataplane import DataPlane, Prediction
+from service.errors import InvalidInput
+from service.repository import FAILED, READY, ModelVersion
+from service.responses import json_response
+from service.rest.body import parse_json, read_body
+from service.rest.images import ERRORS
+from service.rest.schemas import TFModelStatus, TFPredictRequest, TFPredictResponse
+
+router = APIRouter(tags=["tensorflow serving rest"])
+
+TF_DTYPES = {"FP32": "DT_FLOAT", "FP64": "DT_DOUBLE", "UINT8": "DT_UINT8", "INT32": "DT_INT32", "INT64": "DT_INT64"}
+PREDICT_DOCS: dict[str, Any] = {
+    "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/TFPredictRequest"}}}}
+}
+
+
+def _version_status(mv: ModelVersion) -> dict[str, Any]:
+    state = {READY: "AVAILABLE", FAILED: "END"}.get(mv.state, mv.state)
+    return {"version": str(mv.version), "state": state,
+            "status": {"error_code": "UNKNOWN" if mv.error else "OK", "error_message": mv.error or ""}}
+
+
+def _status(request: Request, name: str, version: str | None) -> Response:
+    repo = request.app.state.dataplane.repository
+    model = repo.model(name)
+    if version is None:
+        versions = [mv for _, mv in sorted(model.versions.items(), reverse=True)]
+    else:
+        versions = [mv for v, mv in model.versions.items() if str(v) == version]
+        if not versions:
+            repo.get(name, version)  # raises the 404 with its message
+    return json_response({"model_version_status": [_version_status(mv) for mv in versions]})
+
+
+def _tensor_info(spec: Any, tensor_name: str) -> dict[str, Any]:
+    return {"dtype": TF_DTYPES.get(spec.datatype, "DT_INVALID"),
+            "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in spec.shape], "unknown_rank": False},
+            "name": tensor_name}
+
+
+def _metadata(request: Request, name: str, version: str | None) -> Response:
+    mv = request.app.state.dataplane.repository.get(name, version)
+    assert mv.runtime is not None
+    signature = {
+        "inputs": {s.name: _tensor_info(s, f"serving_default_{s.name}:0") for s in mv.runtime.inputs},
+        "outputs": {s.name: _tensor_info(s, "StatefulPartitionedCall:0") for s in mv.runtime.outputs},
+        "method_name": "tensorflow/serving/predict",
+    }
+    return json_response({
+        "model_spec": {"name": mv.name, "signature_name": "", "version": str(mv.version)},
+        "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}},
+    })
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"b64"}
+
+
+def _b64(value: dict[str, Any], where: str) -> bytes:
+    try:
+        return base64.b64decode(value["b64"], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidInput(f"{where}: b64 is not valid base64") from None
+
+
+def _tensor(values: Any, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"{where}: not a regular numeric array") from None
+    return array
+
+
+async def _predict(request: Request, name: str, version: str | None) -> Response:
+    dataplane: DataPlane = request.app.state.dataplane
+    mv = dataplane.version(name, version)
+    payload = parse_json(await read_body(request, dataplane.settings.max_body_bytes))
+    if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
+        raise InvalidInput('request must be a JSON object with either "instances" or "inputs"')
+    input_name = mv.input.name
+    row_format = "instances" in payload
+    values = payload["instances" if row_format else "inputs"]
+    if row_format:
+        if not isinstance(values, list) or not values:
+            raise InvalidInput("instances must be a non-empty list")
+        if all(isinstance(v, dict) and not _is_b64(v) for v in values):
+            if any(set(v) != {input_name} for v in values):
+                raise InvalidInput(f"each instance must have exactly the input {input_name!r}")
+            values = [v[input_name] for v in values]
+    elif isinstance(values, dict) and not _is_b64(values):
+        if set(values) != {input_name}:
+            raise InvalidInput(f"inputs must name exactly the input {input_name!r}")
+        values = values[input_name]
+
+    result: Prediction
+    if isinstance(values, list) and values and all(_is_b64(v) for v in values):
+        images = [_b64(v, f"instance {i}") for i, v in enumerate(values)]
+        result = await dataplane.infer_images(name, version, images)
+    elif _is_b64(values):
+        result = await dataplane.infer_images(name, version, [_b64(values, "inputs")])
+    else:
+        result = await dataplane.infer(mv, dataplane.check_rows(mv, _tensor(values, "instances" if row_format
+                                                                         else "inputs")))
+    key = "predictions" if row_format else "outputs"
+    return json_response({key: result.outputs})
+
+
+@router.get("/v1/models/{name}", response_model=None, responses={200: {"model": TFModelStatus}, **ERRORS},
+            summary="Model status (all versions)")
+async def model_status(request: Request, name: str) -> Response:
+    return _status(request, name, None)
+
+
+@router.get("/v1/models/{name}/versions/{version}", response_model=None,
+            responses={200: {"model": TFModelStatus}, **ERRORS}, summary="Model version status")
+async def model_version_status(request: Request, name: str, version: str) -> Response:
+    return _status(request, name, version)
+
+
+@router.get("/v1/models/{name}/metadata", response_model=None, responses=ERRORS, summary="Signature metadata")
+async def model_metadata(request: Request, name: str) -> Response:
+    return _metadata(request, name, None)
+
+
+@router.get("/v1/models/{name}/versions/{version}/metadata", response_model=None, responses=ERRORS,
+            summary="Signature metadata of one version")
+async def model_version_metadata(request: Request, name: str, version: str) -> Response:
+    return _metadata(request, name, version)
+
+
+@router.post("/v1/models/{name}:predict", response_model=None, openapi_extra=PREDICT_DOCS,
+             responses={200: {"model": TFPredictResponse}, **ERRORS}, summary="Predict (newest version)")
+async def predict(request: Request, name: str) -> Response:
+    return await _predict(request, name, None)
+
+
+@router.post("/v1/models/{name}/versions/{version}:predict", response_model=None, openapi_extra=PREDICT_DOCS,
+             responses={200: {"model": TFPredictResponse}, **ERRORS}, summary="Predict (one version)")
+async def predict_version(request: Request, name: str, version: str) -> Response:
+    return await _predict(request, name, version)
+
+
+__all__ = ["router", "TFPredictRequest"]

@@ -1,0 +1,266 @@
+"""Open Inference Protocol (KServe v2 / Triton HTTP): health, metadata and inference.
+
+Supports JSON tensors (flat or nested ``data``), the binary tensor data extension
+(``Inference-Header-Content-Length``, ``binary_data_size``, ``binary_data``,
+``binary_data_output``) and the classification extension (``"score:index:label"``).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service import __version__
+from service.dataplane import DataPlane
+from service.errors import InvalidInput, ModelNotReady
+from service.repository import ModelVersion
+from service.responses import dumps, json_response
+from service.rest.body import parse_json, read_body
+from service.rest.images import ERRORS
+from service.rest.schemas import ServerMetadata, V2InferRequest, V2InferResponse, V2ModelMetadata
+
+router = APIRouter(tags=["open inference protocol (v2)"])
+
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+DATATYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(dtype) for name, dtype in (
+        ("BOOL", "bool"), ("UINT8", "uint8"), ("UINT16", "uint16"), ("UINT32", "uint32"), ("UINT64", "uint64"),
+        ("INT8", "int8"), ("INT16", "int16"), ("INT32", "int32"), ("INT64", "int64"),
+        ("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8"),
+    )
+}
+
+INFER_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "description": "A JSON inference request, or (binary tensor extension) the JSON header "
+                       "followed by raw tensor bytes, with `Inference-Header-Content-Length`.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def _metadata(mv: ModelVersion, versions: list[int]) -> dict[str, Any]:
+    assert mv.runtime is not None
+    return {
+        "name": mv.name,
+        "versions": [str(v) for v in versions],
+        "platform": mv.runtime.platform,
+        "inputs": [s.to_dict() for s in mv.runtime.inputs],
+        "outputs": [s.to_dict() for s in mv.runtime.outputs],
+    }
+
+
+# --- Decoding requests -------------------------------------------------------------------------
+
+def _split_body(request: Request, body: bytes) -> tuple[Any, memoryview]:
+    """The JSON header and the binary section that follows it (binary tensor extension)."""
+    header = request.headers.get(HEADER_LENGTH)
+    if header is None:
+        return parse_json(body), memoryview(b"")
+    if not header.isdigit() or int(header) > len(body):
+        raise InvalidInput(f"{HEADER_LENGTH} must be a byte count no larger than the body")
+    n = int(header)
+    view = memoryview(body)
+    return parse_json(view[:n]), view[n:]
+
+
+def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    """Decode one request input to an ndarray; returns it and the new offset in the binary section."""
+    name = spec.get("name")
+    datatype = spec.get("datatype")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers")
+    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        raise InvalidInput(f"input {name!r}: unsupported datatype {datatype!r} "
+                           f"(supported: {', '.join(DATATYPES)})")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"input {name!r}: parameters must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the binary section")
+        if size != count * dtype.itemsize:
+            raise InvalidInput(f"input {name!r}: {size} bytes of binary data for shape {shape} "
+                               f"of {datatype} (expected {count * dtype.itemsize})")
+        array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+        return array, offset + size
+    data = spec.get("data")
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {name!r}: needs data (a list) or parameters.binary_data_size")
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input {name!r}: data is not a regular array of {datatype} values") from None
+    if array.size != count:
+        raise InvalidInput(f"input {name!r}: {array.size} values for shape {shape} (expected {count})")
+    return array.reshape(shape), offset
+
+
+def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[str, bool, int]]:
+    """(name, binary, classification k) for each output to return."""
+    parameters = payload.get("parameters") or {}
+    binary_default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output", False))
+    requested = payload.get("outputs")
+    known = {s.name for s in mv.runtime.outputs} if mv.runtime else set()
+    if not requested:
+        return [(name, binary_default, 0) for name in sorted(known)]
+    if not isinstance(requested, list):
+        raise InvalidInput("outputs must be a list")
+    result = []
+    for out in requested:
+        if not isinstance(out, dict) or out.get("name") not in known:
+            raise InvalidInput(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}; "
+                               f"this model has {sorted(known)}")
+        params = out.get("parameters") or {}
+        k = params.get("classification", 0) if isinstance(params, dict) else 0
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise InvalidInput("classification must be a non-negative integer")
+        binary = params.get("binary_data", binary_default) if isinstance(params, dict) else binary_default
+        result.append((out["name"], bool(binary), k))
+    return result
+
+
+# --- Encoding responses ------------------------------------------------------------------------
+
+def _classification(mv: ModelVersion, probabilities: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    rows = [[f"{p[c]:f}:{c}:{mv.label(c)}" for c in classes]
+            for p, classes in zip(probabilities.tolist(), order.tolist())]
+    return np.array(rows, dtype=object).reshape(len(rows), k)
+
+
+def _bytes_tensor(values: np.ndarray) -> bytes:
+    """Triton's BYTES serialisation: a 4-byte little-endian length before each element."""
+    parts = []
+    for value in values.ravel():
+        raw = value.encode() if isinstance(value, str) else bytes(value)
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _infer_response(mv: ModelVersion, outputs: np.ndarray, payload: dict[str, Any]) -> Response:
+    entries = []
+    blobs: list[bytes] = []
+    for name, binary, k in _requested_outputs(payload, mv):
+        if k:
+            values = _classification(mv, outputs, k)
+            datatype, raw = "BYTES", _bytes_tensor(values) if binary else None
+        else:
+            values = outputs
+            datatype, raw = "FP32", outputs.astype("<f4", copy=False).tobytes() if binary else None
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
+        if raw is not None:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = values.ravel().tolist() if datatype == "BYTES" else values.ravel()
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": mv.name, "model_version": str(mv.version), "outputs": entries}
+    if isinstance(payload.get("id"), str):
+        response["id"] = payload["id"]
+    header = dumps(response)
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(b"".join([header, *blobs]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    dataplane: DataPlane = request.app.state.dataplane
+    mv = dataplane.version(name, version)
+    body = await read_body(request, dataplane.settings.max_body_bytes)
+    payload, binary = _split_body(request, body)
+    if not isinstance(payload, dict):
+        raise InvalidInput("inference request must be a JSON object")
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InvalidInput(f"inference request needs exactly one input, {mv.input.name!r}")
+    if inputs[0].get("name") != mv.input.name:
+        raise InvalidInput(f"unknown input {inputs[0].get('name')!r}; this model takes {mv.input.name!r}")
+    _requested_outputs(payload, mv)  # reject bad output requests before running the model
+    tensor, _ = _input_tensor(inputs[0], binary, 0)
+    result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor))
+    return _infer_response(result.model, result.outputs, payload)
+
+
+# --- Routes ------------------------------------------------------------------------------------
+
+@router.get("/v2", response_model=None, responses={200: {"model": ServerMetadata}}, summary="Server metadata")
+async def server_metadata() -> Response:
+    return json_response({"name": "convserve", "version": __version__, "extensions": EXTENSIONS})
+
+
+@router.get("/v2/health/live", response_model=None, summary="Liveness: the process answers")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready", response_model=None, summary="Readiness: every model has a ready version",
+            responses={503: {"description": "not ready"}})
+async def ready(request: Request) -> Response:
+    is_ready = request.app.state.ready and request.app.state.dataplane.repository.ready()
+    return json_response({"ready": bool(is_ready)}, status=200 if is_ready else 503)
+
+
+@router.get("/v2/models/{name}", response_model=None, responses={200: {"model": V2ModelMetadata}, **ERRORS},
+            summary="Model metadata (newest ready version)")
+async def model_metadata(request: Request, name: str) -> Response:
+    repo = request.app.state.dataplane.repository
+    model = repo.model(name)
+    mv = repo.get(name)
+    return json_response(_metadata(mv, [v.version for v in model.ready_versions()]))
+
+
+@router.get("/v2/models/{name}/versions/{version}", response_model=None,
+            responses={200: {"model": V2ModelMetadata}, **ERRORS}, summary="Model version metadata")
+async def model_version_metadata(request: Request, name: str, version: str) -> Response:
+    mv = request.app.state.dataplane.repository.get(name, version)
+    return json_response(_metadata(mv, [mv.version]))
+
+
+async def _model_ready(request: Request, name: str, version: str | None) -> Response:
+    try:
+        request.app.state.dataplane.repository.get(name, version)
+    except ModelNotReady:
+        return json_response({"name": name, "ready": False}, status=503)
+    return json_response({"name": name, "ready": True})
+
+
+@router.get("/v2/models/{name}/ready", response_model=None, summary="Is the model ready",
+            responses={404: ERRORS[404], 503: {"description": "not ready"}})
+async def model_ready(request: Request, name: str) -> Response:
+    return await _model_ready(request, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready", response_model=None, summary="Is the version ready",
+            responses={404: ERRORS[404], 503: {"description": "not ready"}})
+async def model_version_ready(request: Request, name: str, version: str) -> Response:
+    return await _model_ready(request, name, version)
+
+
+@router.post("/v2/models/{name}/infer", response_model=None, openapi_extra=INFER_DOCS,
+             responses={200: {"model": V2InferResponse}, **ERRORS}, summary="Inference (newest version)")
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer", response_model=None, openapi_extra=INFER_DOCS,
+             responses={200: {"model": V2InferResponse}, **ERRORS}, summary="Inference (one version)")
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+__all__ = ["router", "V2InferRequest"]

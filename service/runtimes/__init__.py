@@ -1,0 +1,53 @@
+"""One runtime interface, several backends: load a version directory, describe it, predict a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: name, KServe datatype and shape (-1 for a free dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class Runtime(Protocol):
+    """A loaded model. ``predict`` is called from one worker thread at a time."""
+
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Run the first input on a float32 batch [N, ...]; return the first output [N, ...]."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runtime holds."""
+        ...
+
+
+RUNTIME_FILES = {"onnx": "model.onnx", "tensorflow": "saved_model.pb"}
+
+
+def load_runtime(kind: str, version_dir: Path, threads: int) -> Runtime:
+    """Load ``version_dir`` with the named backend; TensorFlow is imported only when asked for."""
+    if kind == "onnx":
+        from service.runtimes.onnx import OnnxRuntime
+
+        return OnnxRuntime(version_dir / "model.onnx", threads)
+    if kind == "tensorflow":
+        from service.runtimes.tensorflow import SavedModelRuntime
+
+        return SavedModelRuntime(version_dir, threads)
+    raise ValueError(f"unknown runtime {kind!r}")

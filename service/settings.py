@@ -1,0 +1,74 @@
+"""The service's one settings object: environment variables prefixed ``CONVSERVE_``, CLI flags on top."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+class Settings(BaseSettings):
+    """Configuration of one convserve process. Every field is also ``CONVSERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVSERVE_", env_file=None, extra="ignore")
+
+    models_dir: Path = Path("models")
+    """Model repository: ``<models_dir>/<name>/<version>/model.onnx`` (+ SavedModel, metadata.json)."""
+    host: str = "127.0.0.1"
+    """Interface to bind. The default only accepts local clients; use 0.0.0.0 in a container."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port to listen on."""
+    runtime: Literal["onnx", "tensorflow"] = "onnx"
+    """Backend that runs the models: ONNX Runtime, or TensorFlow SavedModel (needs the [tf] extra)."""
+    inference_threads: int = Field(default_factory=lambda: max(1, available_cpus() // 2), ge=1)
+    """Threads each model's runtime may use for one batch (intra-op). Default: half the CPUs."""
+    version_policy: str = "latest:1"
+    """Versions to serve per model unless its config.pbtxt says otherwise: latest:N, all, or specific:1,3."""
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (413 above)."""
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    """Largest single encoded image accepted (413 above)."""
+    max_image_pixels: int = Field(25_000_000, ge=1)
+    """Largest decoded image, width x height; bigger images (decompression bombs) are refused with 413."""
+    max_images_per_request: int = Field(64, ge=1)
+    """Most images one image-endpoint request may carry (400 above)."""
+    max_request_rows: int = Field(1024, ge=1)
+    """Most rows (images) one tensor request (KServe v2, TF Serving) may carry (400 above)."""
+    batching: bool = True
+    """Dynamic batching: run concurrent requests for a model version together."""
+    max_batch_size: int = Field(32, ge=1)
+    """Most rows per executed batch (a model's config.pbtxt max_batch_size overrides it)."""
+    max_queue_delay_us: int = Field(0, ge=0)
+    """Microseconds the first queued request may wait for company (0: batch only what is waiting)."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Most rows waiting per model version; more is refused with 503 and Retry-After."""
+    request_timeout_seconds: float = Field(30.0, gt=0)
+    """A request still queued after this long is answered 504 and not executed."""
+    default_top_k: int = Field(5, ge=1)
+    """Classes returned per image by the image endpoints when the request does not say."""
+
+    access_log: bool = True
+    """Write one JSON log line per request."""
+    log_level: str = "info"
+    """Python logging level for the service's own logs."""
+    admin_token: SecretStr | None = None
+    """Bearer token for the repository API (/v2/repository/...). Unset: that API is off."""
