@@ -101,7 +101,7 @@ def normalise_digit(gray: np.ndarray) -> np.ndarray:
     if peak <= 0:
         return np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
     img *= 255.0 / peak
-    ys, xs = np.nonzero(img > 0.2 * 255)
+    ys, xs = np.nonzero(img > 0.1 * 255)
     img = img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
     h, w = img.shape

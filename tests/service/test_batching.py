@@ -1,0 +1,164 @@
+"""Dynamic batching: grouping, ordering, oversized requests, overload and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, BatchingConfig
+from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+
+
+class RecordingModel:
+    """Doubles its input; records the batch sizes it was called with; can be made slow."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        time.sleep(self.delay)
+        self.batches.append(len(rows))
+        return rows * 2
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order():
+    async def scenario():
+        model = RecordingModel()
+        batcher = Batcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000), "m")
+        batcher.start()
+        inputs = [np.full((1, 2), i, dtype=np.float32) for i in range(8)]
+        outputs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        await batcher.close()
+        return model, inputs, outputs
+
+    model, inputs, outputs = run(scenario())
+    for x, y in zip(inputs, outputs):
+        np.testing.assert_array_equal(y, x * 2)
+    assert max(model.batches) > 1
+    assert sum(model.batches) == 8
+
+
+def test_multi_row_requests_count_their_rows_and_big_requests_run_alone():
+    async def scenario():
+        model = RecordingModel()
+        batcher = Batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay_us=10_000), "m")
+        batcher.start()
+        big = np.arange(20, dtype=np.float32).reshape(10, 2)
+        small = np.ones((3, 2), dtype=np.float32)
+        results = await asyncio.gather(batcher.submit(big), batcher.submit(small), batcher.submit(small))
+        await batcher.close()
+        return model, big, small, results
+
+    model, big, small, (r_big, r_small1, r_small2) = run(scenario())
+    np.testing.assert_array_equal(r_big, big * 2)
+    np.testing.assert_array_equal(r_small1, small * 2)
+    assert r_small2.shape == (3, 2)
+    assert 10 in model.batches  # the oversized request ran on its own, never rejected
+    assert all(b <= 4 for b in model.batches if b != 10)
+
+
+def test_full_queue_is_refused_with_overloaded_and_retry_after():
+    async def scenario():
+        model = RecordingModel()
+        model.gate.clear()  # the first batch blocks, so the queue fills up
+        batcher = Batcher(model, BatchingConfig(max_batch_size=1, max_queue_size=2), "m")
+        batcher.start()
+        row = np.zeros((1, 2), dtype=np.float32)
+        first = asyncio.ensure_future(batcher.submit(row))
+        await asyncio.sleep(0.05)  # first is now executing
+        queued = [asyncio.ensure_future(batcher.submit(row)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(row)
+        model.gate.set()
+        done = await asyncio.gather(first, *queued)
+        await batcher.close()
+        return refused.value, done
+
+    refused, done = run(scenario())
+    assert refused.status == 503 and refused.headers == {"Retry-After": "1"}
+    assert len(done) == 3  # every accepted request got its answer
+
+
+def test_request_past_its_deadline_is_not_executed():
+    async def scenario():
+        model = RecordingModel()
+        model.gate.clear()
+        batcher = Batcher(model, BatchingConfig(max_batch_size=1, timeout_s=0.05), "m")
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.02)
+        late = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.1)  # the deadline passes while the first batch blocks
+        model.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert model.batches == [1]  # only the first request ran
+
+
+def test_abandoned_requests_are_skipped():
+    async def scenario():
+        model = RecordingModel()
+        model.gate.clear()
+        batcher = Batcher(model, BatchingConfig(max_batch_size=1), "m")
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0)
+        gone.cancel()  # the client disconnected
+        model.gate.set()
+        await first
+        await batcher.close()
+        return model
+
+    assert run(scenario()).batches == [1]
+
+
+def test_runtime_failure_fails_only_that_batch():
+    calls = []
+
+    def flaky(rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return rows
+
+    async def scenario():
+        batcher = Batcher(flaky, BatchingConfig(max_batch_size=1), "m")
+        batcher.start()
+        with pytest.raises(InferenceFailed, match="RuntimeError"):
+            await batcher.submit(np.zeros((1, 1), dtype=np.float32))
+        result = await batcher.submit(np.ones((1, 1), dtype=np.float32))
+        await batcher.close()
+        return result
+
+    assert run(scenario()).tolist() == [[1.0]]
+
+
+def test_closed_batcher_refuses_new_work():
+    async def scenario():
+        batcher = Batcher(RecordingModel(), BatchingConfig(), "m")
+        batcher.start()
+        await batcher.close()
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(np.zeros((1, 1), dtype=np.float32))
+
+    run(scenario())
