@@ -11,6 +11,16 @@ from service.app import create_app
 from service.settings import Settings
 
 
+# uvicorn's own messages in the same one-JSON-object-per-line format as the service's.
+UVICORN_LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "service.middleware.JsonFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service", description="Serve the models in a model repository.")
     parser.add_argument("--models-dir", type=Path, help="model repository (default: models, or CONVSERVE_MODELS_DIR)")
@@ -28,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**overrides)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                access_log=False, server_header=False, timeout_graceful_shutdown=20)
+                log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
+                timeout_graceful_shutdown=20)
 
 
 if __name__ == "__main__":

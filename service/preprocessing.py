@@ -87,21 +87,27 @@ def to_gray_or_rgb(img: Image.Image, channels: int) -> np.ndarray:
 def normalise_digit(gray: np.ndarray) -> np.ndarray:
     """MNIST-style normalisation of a grayscale digit image [H, W] uint8 to [28, 28] float32.
 
-    Dark ink on light paper is inverted; the background level is removed; the ink's bounding
-    box is fitted into 20x20 keeping its aspect ratio and pasted into 28x28 so that its centre
+    Dark ink on light paper is inverted; the paper's level and noise are removed; the ink's
+    bounding box is fitted into 20x20 keeping its aspect ratio and pasted into 28x28 so that its centre
     of mass sits at the centre.
     """
     img = gray.astype(np.float32)
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    if np.median(border) > 127:  # light background: dark ink on paper
+    if _border(img).mean() > 127:  # light background: dark ink on paper
         img = 255.0 - img
-        border = 255.0 - border
-    img = np.clip(img - np.percentile(border, 75), 0, None)  # paper texture and shadows
-    peak = float(img.max())
-    if peak <= 0:
-        return np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
-    img *= 255.0 / peak
-    ys, xs = np.nonzero(img > 0.1 * 255)
+    # Ink is what stands clearly above the paper's level and noise, judged on a lightly blurred
+    # copy so that isolated noise pixels (paper grain, JPEG artefacts) do not count as ink.
+    blurred = _blur(img)
+    border = _border(blurred)
+    background = float(np.median(border))
+    noise = 1.4826 * float(np.median(np.abs(border - background)))
+    peak = float(blurred.max())
+    if peak - background <= 8 * max(noise, 1.0):
+        return np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)  # blank: nothing stands out
+    ink = blurred > background + max(4 * noise, 0.2 * (peak - background))
+    img = np.where(ink, np.clip(img - background, 0, None), 0.0)
+    img *= 255.0 / max(float(np.percentile(img[ink], 99)), 1.0)
+    img = np.clip(img, 0, 255)
+    ys, xs = np.nonzero(ink)
     img = img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
     h, w = img.shape
@@ -122,6 +128,18 @@ def normalise_digit(gray: np.ndarray) -> np.ndarray:
         shift_x = int(np.clip(round(MNIST_SIZE / 2 - 0.5 - cx), -left, MNIST_SIZE - new_w - left))
         canvas = np.roll(canvas, (shift_y, shift_x), axis=(0, 1))
     return canvas
+
+
+def _blur(img: np.ndarray) -> np.ndarray:
+    """A separable binomial blur (about a Gaussian of sigma 1), edges replicated."""
+    kernel = np.array([1, 4, 6, 4, 1], dtype=np.float32) / 16
+    padded = np.pad(img, 2, mode="edge")
+    rows = sum(k * padded[:, i:i + img.shape[1]] for i, k in enumerate(kernel))
+    return sum(k * rows[i:i + img.shape[0], :] for i, k in enumerate(kernel))
+
+
+def _border(img: np.ndarray) -> np.ndarray:
+    return np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
 
 
 def image_to_input(img: Image.Image, spec: ImageSpec) -> np.ndarray:

@@ -163,7 +163,9 @@ def load_version(name: str, version: int, path: Path, settings: Settings) -> Mod
         runtime.predict(warm)  # first run allocates; do it before a client waits on it
         mv.state = READY
     except Exception as exc:
-        mv.state, mv.error = FAILED, f"failed to load: {exc}"
+        # Runtime errors quote file paths: keep them relative to the repository for clients.
+        reason = str(exc).replace(str(path), f"{name}/{version}")
+        mv.state, mv.error = FAILED, f"failed to load: {reason}"
         log.warning("model %s version %s failed to load: %s", name, version, exc)
     return mv
 
