@@ -10,7 +10,6 @@ import uvicorn
 from service.app import create_app
 from service.settings import Settings
 
-
 # uvicorn's own messages in the same one-JSON-object-per-line format as the service's.
 UVICORN_LOG_CONFIG = {
     "version": 1,

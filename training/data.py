@@ -123,6 +123,8 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
         raise DataError(f"{path.name}: bad IDX magic number (expected {magic})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path.name}: truncated IDX file (header of {len(data)} bytes, expected {4 + 4 * ndim})")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):

@@ -189,10 +189,12 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
             }))
 
     started = time.monotonic()
+    # on resume, only an epoch beating the best so far may replace best.keras
+    best_so_far = max(history["val_accuracy"]) if history.get("val_accuracy") else None
     callbacks: list[Any] = [
         keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(recipe, epoch)),
         keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_accuracy",
-                                        save_best_only=True, mode="max"),
+                                        save_best_only=True, mode="max", initial_value_threshold=best_so_far),
         keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False),
         Persist(),
     ]

@@ -126,10 +126,10 @@ def test_empty_models_dir_serves_nothing_but_stays_up(tmp_path, app_client_facto
 @pytest.mark.parametrize("runtime", ["tensorflow"])
 def test_tensorflow_runtime_serves_a_savedmodel(tmp_path, runtime):
     pytest.importorskip("tensorflow")
-    from service.runtimes import load_runtime
-
     import numpy as np
     import tensorflow as tf
+
+    from service.runtimes import load_runtime
 
     @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 1], tf.float32, name="image")])
     def serve(image):

@@ -109,7 +109,8 @@ def test_infer_binary_data_output_request_parameter(client):
 
 def test_infer_classification_extension_json(client, model_repo):
     rows = digits_batch(2)
-    request = {"inputs": [{"name": "image", "shape": [2, 28, 28, 1], "datatype": "FP32", "data": rows.ravel().tolist()}],
+    request = {"inputs": [{"name": "image", "shape": [2, 28, 28, 1], "datatype": "FP32",
+                           "data": rows.ravel().tolist()}],
                "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}
     output = client.post("/v2/models/digits/infer", json=request).json()["outputs"][0]
     assert output["datatype"] == "BYTES" and output["shape"] == [2, 3]
