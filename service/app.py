@@ -5,6 +5,7 @@ Nothing heavy happens at import time; models load in the lifespan.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,9 +30,22 @@ from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
 from service.rest import images, tfserving, v2
+from service.rest import repository as repository_api
 from service.settings import Settings
 
 log = logging.getLogger("service.app")
+
+
+async def _poll(repository: ModelRepository, seconds: float) -> None:
+    """Pick up new, changed and removed versions without a restart."""
+    if seconds <= 0:
+        return
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await repository.refresh()
+        except Exception:  # a bad scan must not stop the next one
+            log.exception("repository scan failed")
 
 
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -50,10 +64,12 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
             "seconds": round(time.perf_counter() - started, 3),
             "models": {m.name: [v.status() for v in m.versions.values()] for m in repository.models()},
         })
+        poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
         try:
             yield
         finally:
             app.state.ready = False
+            poller.cancel()
             await repository.close()
 
     app = FastAPI(
@@ -71,6 +87,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.include_router(images.router)
     app.include_router(v2.router)
     app.include_router(tfserving.router)
+    app.include_router(repository_api.router)
 
     @app.get("/metrics", include_in_schema=True, tags=["observability"], summary="Prometheus metrics")
     async def prometheus_metrics(request: Request) -> Response:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ log = logging.getLogger("service.repository")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 READY, LOADING, UNAVAILABLE, FAILED = "READY", "LOADING", "UNAVAILABLE", "FAILED"
+WARMUP_BATCHES = (1, 8, 1)
 
 
 def valid_name(name: str) -> bool:
@@ -92,6 +94,7 @@ class ModelVersion:
     image_spec: ImageSpec | None = None
     batcher: Batcher | None = None
     metrics: VersionMetrics | None = None
+    load_seconds: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -134,6 +137,7 @@ def _sha256(path: Path) -> str:
 def load_version(name: str, version: int, path: Path, settings: Settings) -> ModelVersion:
     """Load and check one version directory; any problem leaves it FAILED with a message."""
     mv = ModelVersion(name, version, path)
+    started = time.perf_counter()
     try:
         artifact = path / RUNTIME_FILES[settings.runtime]
         if not artifact.is_file():
@@ -159,14 +163,15 @@ def load_version(name: str, version: int, path: Path, settings: Settings) -> Mod
         mv.metadata, mv.runtime, mv.labels = metadata, runtime, labels
         _, height, width, channels = spec.shape
         mv.image_spec = ImageSpec(height, width, channels, digit=bool(metadata.get("digit", False)))
-        warm = np.zeros((1, height, width, channels), dtype=np.float32)
-        runtime.predict(warm)  # first run allocates; do it before a client waits on it
+        for rows in WARMUP_BATCHES:  # first runs allocate; do them before a client waits on them
+            runtime.predict(np.random.default_rng(rows).uniform(0, 255, (rows, height, width, channels))
+                            .astype(np.float32))
         mv.state = READY
     except Exception as exc:
         # Runtime errors quote file paths: keep them relative to the repository for clients.
         reason = str(exc).replace(str(path), f"{name}/{version}")
         mv.state, mv.error = FAILED, f"failed to load: {reason}"
-        log.warning("model %s version %s failed to load: %s", name, version, exc)
+    mv.load_seconds = round(time.perf_counter() - started, 4)
     return mv
 
 
@@ -177,17 +182,39 @@ class Model:
     name: str
     config: ModelConfig
     versions: dict[int, ModelVersion] = field(default_factory=dict)
+    serving: ModelVersion | None = None
+    """The newest ready version: what unversioned routes use. Recomputed on every change."""
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.ready]
 
+    def update_serving(self) -> None:
+        ready = self.ready_versions()
+        self.serving = ready[-1] if ready else None
+
+
+def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and mtimes of a version's files: a failed version is retried when they change."""
+    try:
+        return tuple(sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                            for p in path.rglob("*") if p.is_file()))
+    except OSError:
+        return ()
+
 
 class ModelRepository:
+    """Loaded models, kept in line with ``models_dir`` by :meth:`refresh` (at start, by the
+    poller, and through the repository API). New versions are loaded and warmed up before
+    they become visible; removed ones stop taking requests at once and are drained."""
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.root = Path(settings.models_dir)
         self._models: dict[str, Model] = {}
+        self._failed: dict[tuple[str, int], tuple[tuple[str, int, int], ...]] = {}
+        self._unloaded: set[str] = set()  # unloaded through the API: the poller leaves them alone
+        self._lock: asyncio.Lock | None = None
 
     # Discovery ---------------------------------------------------------------------------------
 
@@ -212,60 +239,122 @@ class ModelRepository:
 
     def _batching(self, config: ModelConfig) -> BatchingConfig:
         s = self.settings
-        return BatchingConfig(
-            max_batch_size=config.max_batch_size or s.max_batch_size,
-            max_queue_delay_us=s.max_queue_delay_us if config.max_queue_delay_us is None else config.max_queue_delay_us,
-            max_queue_size=s.max_queue_size,
-            timeout_s=s.request_timeout_seconds,
-        ) if s.batching else BatchingConfig(max_batch_size=1, max_queue_delay_us=0,
-                                            max_queue_size=s.max_queue_size, timeout_s=s.request_timeout_seconds)
+        if not s.batching:
+            return BatchingConfig(max_batch_size=1, max_queue_delay_us=0, max_queue_size=s.max_queue_size,
+                                  timeout_s=s.request_timeout_seconds)
+        delay = s.max_queue_delay_us if config.max_queue_delay_us is None else config.max_queue_delay_us
+        return BatchingConfig(max_batch_size=config.max_batch_size or s.max_batch_size, max_queue_delay_us=delay,
+                              max_queue_size=s.max_queue_size, timeout_s=s.request_timeout_seconds)
 
     # Loading -----------------------------------------------------------------------------------
 
-    async def refresh(self) -> None:
-        """Bring loaded versions in line with the disk: load new ones, unload removed ones."""
-        on_disk = await asyncio.to_thread(self.discover)
-        for name, versions in on_disk.items():
-            config = await asyncio.to_thread(self._config, name)
-            wanted = select_versions(versions, config.version_policy or self.settings.version_policy)
-            model = self._models.get(name) or Model(name, config)
-            model.config = config
-            for version in wanted:
-                if version in model.versions:
+    async def refresh(self, only: str | None = None) -> None:
+        """Bring loaded versions in line with the disk: load new ones, unload removed ones.
+
+        ``only`` limits the work to one model (the repository API's load).
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            on_disk = await asyncio.to_thread(self.discover)
+            for name, versions in on_disk.items():
+                if (only is not None and name != only) or (only is None and name in self._unloaded):
                     continue
-                mv = await asyncio.to_thread(load_version, name, version, self.root / name / str(version),
-                                             self.settings)
-                if mv.ready:
-                    mv.metrics = self.metrics.for_version(name, version)
-                    mv.batcher = Batcher(mv.runtime.predict, self._batching(config),  # type: ignore[union-attr]
-                                         f"{name}:{version}", on_batch=mv.metrics.batch)
-                    mv.batcher.start()
-                else:
-                    self.metrics.load_failures.labels(name, str(version)).inc()
-                model.versions[version] = mv
-            removed = [v for v in model.versions if v not in wanted]
-            for version in removed:
-                await self._unload(model.versions.pop(version))
-            self._models[name] = model
-        for name in [n for n in self._models if n not in on_disk]:
-            for mv in self._models.pop(name).versions.values():
-                await self._unload(mv)
-        for name, model in self._models.items():
-            self.metrics.versions_loaded.labels(name).set(len(model.ready_versions()))
+                await self._sync_model(name, versions)
+            for name in [n for n in self._models if n not in on_disk and (only is None or n == only)]:
+                await self._drop(name)
+
+    async def _sync_model(self, name: str, versions: list[int]) -> None:
+        config = await asyncio.to_thread(self._config, name)
+        wanted = select_versions(versions, config.version_policy or self.settings.version_policy)
+        model = self._models.setdefault(name, Model(name, config))
+        model.config = config
+        for version in wanted:
+            current = model.versions.get(version)
+            path = self.root / name / str(version)
+            if current is not None and current.state != FAILED:
+                continue
+            if current is not None and self._failed.get((name, version)) == await asyncio.to_thread(_signature, path):
+                continue  # still the same broken files
+            mv = await asyncio.to_thread(load_version, name, version, path, self.settings)
+            if mv.ready:
+                self._failed.pop((name, version), None)
+                mv.metrics = self.metrics.for_version(name, version)
+                mv.batcher = Batcher(mv.runtime.predict, self._batching(config),  # type: ignore[union-attr]
+                                     f"{name}:{version}", on_batch=mv.metrics.batch)
+                mv.batcher.start()
+            else:
+                self._failed[(name, version)] = await asyncio.to_thread(_signature, path)
+                self.metrics.load_failures.labels(name, str(version)).inc()
+            model.versions[version] = mv  # the swap: one assignment, seen by the next request
+            model.update_serving()
+            log.log(logging.INFO if mv.ready else logging.WARNING,
+                    "model version %s", "loaded" if mv.ready else "failed to load",
+                    extra={"model": name, "version": version, "state": mv.state, "error": mv.error,
+                           "load_seconds": mv.load_seconds})
+        for version in [v for v in model.versions if v not in wanted]:
+            mv = model.versions.pop(version)
+            model.update_serving()
+            await self._unload(mv)
+        self.metrics.versions_loaded.labels(name).set(len(model.ready_versions()))
+
+    async def _drop(self, name: str) -> None:
+        model = self._models.pop(name)
+        for mv in model.versions.values():
+            await self._unload(mv)
+        self.metrics.versions_loaded.labels(name).set(0)
 
     async def _unload(self, mv: ModelVersion) -> None:
+        """Stop new requests at once, let queued and running ones finish, then release the runtime."""
+        was_ready = mv.ready
         mv.state = UNAVAILABLE
         if mv.batcher is not None:
             await mv.batcher.close()
         if mv.runtime is not None:
             mv.runtime.close()
         mv.runtime = None
+        if was_ready:
+            log.info("model version unloaded", extra={"model": mv.name, "version": mv.version})
 
     async def close(self) -> None:
-        for model in self._models.values():
-            for mv in model.versions.values():
-                await self._unload(mv)
-        self._models.clear()
+        for name in list(self._models):
+            await self._drop(name)
+
+    # Repository API ----------------------------------------------------------------------------
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model from its directory under models_dir (the repository API)."""
+        if name not in await asyncio.to_thread(self.discover):
+            raise ModelNotFound(f"no model directory {name!r} in the model repository")
+        self._unloaded.discard(name)
+        await self.refresh(only=name)
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of a model; the poller leaves it alone until it is loaded again."""
+        if name not in self._models:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        self._unloaded.add(name)
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            await self._drop(name)
+
+    async def index(self) -> list[dict[str, Any]]:
+        """Every model on disk and its versions' states (Triton's repository index)."""
+        on_disk = await asyncio.to_thread(self.discover)
+        entries: list[dict[str, Any]] = []
+        for name, versions in on_disk.items():
+            model = self._models.get(name)
+            for version in versions:
+                mv = model.versions.get(version) if model else None
+                entry: dict[str, Any] = {"name": name, "version": str(version),
+                                         "state": mv.state if mv else UNAVAILABLE}
+                if mv is not None and mv.error:
+                    entry["reason"] = mv.error
+                elif mv is None:
+                    entry["reason"] = "unloaded" if name in self._unloaded else "not selected by the version policy"
+                entries.append(entry)
+        return entries
 
     # Lookup ------------------------------------------------------------------------------------
 
@@ -282,10 +371,9 @@ class ModelRepository:
         """The version to serve: the one asked for, else the newest ready one."""
         model = self.model(name)
         if version is None or version == "":
-            ready = model.ready_versions()
-            if not ready:
+            if model.serving is None:
                 raise ModelNotReady(f"model {name!r} has no ready version")
-            return ready[-1]
+            return model.serving
         text = str(version)
         if not VERSION_RE.match(text):
             raise ModelNotFound(f"model {name!r} has no version {text!r} (versions are positive integers)")
@@ -297,5 +385,5 @@ class ModelRepository:
         return mv
 
     def ready(self) -> bool:
-        """Every model found has at least one ready version."""
-        return all(m.ready_versions() for m in self._models.values())
+        """Every loaded model has at least one ready version."""
+        return all(m.serving is not None for m in self._models.values())

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     """Most images one image-endpoint request may carry (400 above)."""
     max_request_rows: int = Field(1024, ge=1)
     """Most rows (images) one tensor request (KServe v2, TF Serving) may carry (400 above)."""
+    repository_poll_seconds: float = Field(5.0, ge=0)
+    """How often to look for new, changed or removed model versions (0: only at start and on request)."""
     batching: bool = True
     """Dynamic batching: run concurrent requests for a model version together."""
     max_batch_size: int = Field(32, ge=1)
@@ -71,4 +73,4 @@ class Settings(BaseSettings):
     log_level: str = "info"
     """Python logging level for the service's own logs."""
     admin_token: SecretStr | None = None
-    """Bearer token for the repository API (/v2/repository/...). Unset: that API is off."""
+    """Bearer token for the repository API (/v2/repository/...). Unset: that API is off (403)."""

@@ -26,7 +26,7 @@ from service.rest.schemas import ServerMetadata, V2InferRequest, V2InferResponse
 router = APIRouter(tags=["open inference protocol (v2)"])
 
 HEADER_LENGTH = "inference-header-content-length"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 DATATYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(dtype) for name, dtype in (
         ("BOOL", "bool"), ("UINT8", "uint8"), ("UINT16", "uint16"), ("UINT32", "uint32"), ("UINT64", "uint64"),

@@ -195,3 +195,18 @@ def bundled_server(bundled_mnist: Path) -> Iterator[RunningServer]:
 def make_version():
     """``make_version(root, name, version, shape, labels, digit, seed=0)`` writes a tiny model version."""
     return write_version
+
+
+@pytest.fixture()
+def server_factory() -> Iterator:
+    """Start real servers on any models dir, with extra environment; all are stopped at the end."""
+    started: list[RunningServer] = []
+
+    def factory(models_dir: Path, **env: str) -> RunningServer:
+        running = RunningServer(models_dir, env)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.stop()
