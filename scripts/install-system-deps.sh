@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Debian packages the end-to-end tests use: a real Prometheus (and promtool), Chromium with its
+# WebDriver for the web page, and docker-compose for validating the compose file.
+# Installs what is missing when run as root (or with passwordless sudo); otherwise says what is
+# missing, and the tests that need it skip with that reason.
+set -u
+PACKAGES=(prometheus chromium chromium-driver docker-compose)
+COMMANDS=(prometheus chromium chromedriver docker-compose)
+
+missing=()
+for i in "${!PACKAGES[@]}"; do
+    command -v "${COMMANDS[$i]}" >/dev/null 2>&1 || missing+=("${PACKAGES[$i]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "system-deps: no apt-get; tests needing ${missing[*]} will skip" >&2
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
+        echo "system-deps: not root; install ${missing[*]} to run every test" >&2
+        exit 0
+    fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+echo "system-deps: installing ${missing[*]}" >&2
+if ! $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
+    $SUDO apt-get update -q >/dev/null 2>&1
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+        || echo "system-deps: could not install ${missing[*]}; tests needing them will skip" >&2
+fi
+# The Debian prometheus package starts a system service; the tests run their own.
+if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+exit 0
