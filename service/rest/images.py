@@ -7,16 +7,18 @@ import binascii
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from service.dataplane import DataPlane, top_k
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.responses import json_response
 from service.rest.body import media_type, parse_json, read_body
+from service.rest.multipart import parse_multipart
 from service.rest.schemas import ErrorResponse, ModelsResponse, PredictResponse
 
 router = APIRouter(tags=["images"])
+
+MAX_FORM_FIELDS = 16  # non-file parts (top_k) allowed beside the images
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -55,14 +57,12 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
     """The encoded images of a request and its top_k field, whatever the body format."""
     kind = media_type(request)
     if kind == "multipart/form-data":
-        await read_body(request, limit)
-        try:
-            form = await request.form(max_files=max_images + 1, max_fields=16)
-        except Exception as exc:  # python-multipart raises several error types on malformed input
-            raise InvalidInput(f"malformed multipart body ({getattr(exc, 'detail', exc)})") from None
-        images = [await v.read() for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        await form.close()
-        return images, form.get("top_k")
+        body = await read_body(request, limit)
+        parts = parse_multipart(body, request.headers["content-type"], max_parts=max_images + MAX_FORM_FIELDS)
+        images = [p.data for p in parts if p.is_file and (p.data or p.filename)]
+        fields = {p.name: p.data for p in parts if not p.is_file}
+        top_k = fields.get("top_k")
+        return images, top_k.decode("utf-8", "replace") if top_k is not None else None
     if kind.startswith("image/") or kind == "application/octet-stream":
         return [await read_body(request, limit)], None
     if kind == "application/json":
