@@ -1,11 +1,19 @@
-"""``python -m service``: start the server. Flags override the ``CONVSERVE_*`` settings."""
+"""``python -m service``: start the server. Flags override the ``CONVSERVE_*`` settings.
+
+SIGTERM (``docker stop``, Kubernetes) drains: readiness fails at once, the listening socket closes, in-flight
+requests get up to ``drain_seconds`` to finish, the models unload, and the process exits 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
@@ -31,14 +39,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server (graceful shutdown: stop accepting, wait for in-flight requests), failing readiness first."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.app.state.ready = False
+        super().handle_exit(sig, frame)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
-                timeout_graceful_shutdown=20)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
+                            timeout_graceful_shutdown=settings.drain_seconds)
+    server = Server(config, app)
+    # After its graceful shutdown uvicorn re-raises the signal into the handler that was there before it
+    # started; with the default one a drained process would still die of SIGTERM (exit status 143).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C, re-raised the same way
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's startup-failure status
 
 
 if __name__ == "__main__":

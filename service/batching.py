@@ -1,9 +1,13 @@
 """Dynamic batching: concurrent requests for one model version are queued and run together.
 
 One worker task per model version takes whatever is waiting (up to ``max_batch_size`` rows,
-waiting at most ``max_queue_delay`` for more), runs it on the version's inference thread,
-and hands each caller its own rows back. While a batch computes, new requests queue up, so
+waiting at most ``max_queue_delay`` for more) and runs it on the version's inference thread,
+then hands each caller its own rows back. While a batch computes, new requests queue up, so
 batches grow with load on their own. The queue is bounded: a full queue refuses at once.
+
+A request may carry its rows, or a ``prepare`` function that makes them (image decoding):
+that runs on the inference thread too, so the event loop only speaks HTTP and one thread hop
+serves the whole batch.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded, ServingError
+
+Prepare = Callable[[], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,20 @@ class BatchingConfig:
 
 @dataclass
 class _Item:
-    rows: np.ndarray
+    n: int
+    rows: np.ndarray | None
+    prepare: Prepare | None
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float
+
+
+@dataclass
+class _Executed:
+    outputs: np.ndarray | None
+    failures: dict[int, ServingError]
+    rows: int
+    compute_seconds: float
 
 
 class Batcher:
@@ -67,13 +83,19 @@ class Batcher:
 
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """Queue ``rows`` (a batch of one or more inputs) and wait for their outputs."""
+        return await self._enqueue(len(rows), rows, None)
+
+    async def submit_prepared(self, n: int, prepare: Prepare) -> np.ndarray:
+        """Queue a request of ``n`` rows that ``prepare()`` makes on the inference thread."""
+        return await self._enqueue(n, None, prepare)
+
+    async def _enqueue(self, n: int, rows: np.ndarray | None, prepare: Prepare | None) -> np.ndarray:
         if self._closed:
             raise ModelNotReady(f"model {self._name} is unloading")
-        n = len(rows)
         if self._queued_rows + n > self.config.max_queue_size and self._queued_rows:
             raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later")
         now = time.monotonic()
-        item = _Item(rows, asyncio.get_running_loop().create_future(), now, now + self.config.timeout_s)
+        item = _Item(n, rows, prepare, asyncio.get_running_loop().create_future(), now, now + self.config.timeout_s)
         self._queue.append(item)
         self._queued_rows += n
         self._wakeup.set()
@@ -93,10 +115,9 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
-            inputs = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
             self._busy = True
             try:
-                outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+                result = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:  # a runtime failure fails this batch only
                 for item in batch:
                     if not item.future.done():
@@ -104,14 +125,37 @@ class Batcher:
                 continue
             finally:
                 self._busy = False
-            if self._on_batch is not None:
-                self._on_batch(len(inputs), [started - i.enqueued for i in batch], time.monotonic() - started)
+            if self._on_batch is not None and result.rows:
+                self._on_batch(result.rows, [started - i.enqueued for i in batch], result.compute_seconds)
             offset = 0
-            for item in batch:
-                n = len(item.rows)
+            for index, item in enumerate(batch):
+                failure = result.failures.get(index)
+                if failure is not None:
+                    if not item.future.done():
+                        item.future.set_exception(failure)
+                    continue
                 if not item.future.done():
-                    item.future.set_result(outputs[offset:offset + n])
-                offset += n
+                    item.future.set_result(result.outputs[offset:offset + item.n])  # type: ignore[index]
+                offset += item.n
+
+    def _execute(self, batch: list[_Item]) -> _Executed:
+        """On the inference thread: prepare what needs it, then run the rows as one batch."""
+        failures: dict[int, ServingError] = {}
+        arrays = []
+        for index, item in enumerate(batch):
+            if item.rows is None:
+                try:
+                    item.rows = item.prepare()  # type: ignore[misc]
+                except ServingError as exc:  # a bad image fails its own request only
+                    failures[index] = exc
+                    continue
+            arrays.append(item.rows)
+        if not arrays:
+            return _Executed(None, failures, 0, 0.0)
+        inputs = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        started = time.perf_counter()
+        outputs = self._predict(inputs)
+        return _Executed(outputs, failures, len(inputs), time.perf_counter() - started)
 
     def _take(self, max_rows: int) -> list[_Item]:
         """Pop requests up to ``max_rows`` rows (always at least one); drop abandoned or expired ones."""
@@ -120,11 +164,10 @@ class Batcher:
         now = time.monotonic()
         while self._queue:
             item = self._queue[0]
-            n = len(item.rows)
-            if batch and rows + n > max_rows:
+            if batch and rows + item.n > max_rows:
                 break
             self._queue.popleft()
-            self._queued_rows -= n
+            self._queued_rows -= item.n
             if item.future.done():  # the caller went away
                 continue
             if now > item.deadline:
@@ -132,11 +175,11 @@ class Batcher:
                     f"request waited longer than {self.config.timeout_s:g}s in the queue of {self._name}"))
                 continue
             batch.append(item)
-            rows += n
+            rows += item.n
         return batch
 
     async def close(self) -> None:
-        """Stop taking work, let queued requests finish, then stop the thread."""
+        """Stop taking work, let queued and running requests finish, then stop the thread."""
         self._closed = True
         while self._queue or self._busy:
             await asyncio.sleep(0.005)

@@ -6,8 +6,8 @@ results back into their wire format.
 
 from __future__ import annotations
 
-import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +17,6 @@ from service.metrics import Metrics
 from service.preprocessing import ImageLimits, preprocess
 from service.repository import ModelRepository, ModelVersion
 from service.settings import Settings
-
-# Below this many encoded bytes, decoding inline is cheaper than a hop to a worker thread.
-INLINE_DECODE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -73,11 +70,14 @@ class DataPlane:
 
     async def infer(self, mv: ModelVersion, rows: np.ndarray) -> Prediction:
         """Run validated rows [N, H, W, C] through a version's batching queue, with metrics."""
+        return await self._run(mv, len(rows), mv.predict(rows))
+
+    async def _run(self, mv: ModelVersion, n: int, outputs_of: Awaitable[np.ndarray]) -> Prediction:
         m = mv.metrics
         assert m is not None
         m.inflight.inc()
         try:
-            outputs = await mv.predict(rows)
+            outputs = await outputs_of
         except Overloaded:
             m.rejected("queue_full")
             m.outcome("rejected")
@@ -86,13 +86,13 @@ class DataPlane:
             m.rejected("deadline")
             m.outcome("timeout")
             raise
-        except ServingError:
-            m.outcome("error")
+        except ServingError as exc:
+            m.outcome("invalid" if exc.status < 500 else "error")
             raise
         finally:
             m.inflight.dec()
         m.outcome("success")
-        m.request_rows.observe(len(rows))
+        m.request_rows.observe(n)
         if outputs.ndim == 2:
             winners = outputs.argmax(axis=1)
             for class_id, confidence in zip(winners.tolist(), outputs[np.arange(len(winners)), winners].tolist()):
@@ -104,25 +104,23 @@ class DataPlane:
         return await self.infer(mv, self.check_rows(mv, rows))
 
     async def infer_images(self, name: str, version: str | None, images: list[bytes]) -> Prediction:
-        """Decode and preprocess encoded images for a model, then infer on them as one request."""
+        """Infer on encoded images as one request; they are decoded on the model's inference thread."""
         mv = self.version(name, version)
         if not images:
             raise InvalidInput("no images in the request")
         if len(images) > self.settings.max_images_per_request:
             raise InvalidInput(f"{len(images)} images exceed the limit of "
                                f"{self.settings.max_images_per_request} per request")
-        assert mv.image_spec is not None and mv.metrics is not None
-        started = time.perf_counter()
-        try:
-            if sum(len(i) for i in images) <= INLINE_DECODE_BYTES:
-                rows = self._decode_all(mv, images)
-            else:
-                rows = await asyncio.to_thread(self._decode_all, mv, images)
-        except ServingError:
-            mv.metrics.outcome("invalid")
-            raise
-        mv.metrics.preprocess_latency.observe(time.perf_counter() - started)
-        return await self.infer(mv, rows)
+        metrics = mv.metrics
+        assert metrics is not None
+
+        def prepare() -> np.ndarray:
+            started = time.perf_counter()
+            rows = self._decode_all(mv, images)
+            metrics.preprocess_latency.observe(time.perf_counter() - started)
+            return rows
+
+        return await self._run(mv, len(images), mv.predict_prepared(len(images), prepare))
 
     def _decode_all(self, mv: ModelVersion, images: list[bytes]) -> np.ndarray:
         spec = mv.image_spec

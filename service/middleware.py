@@ -26,7 +26,7 @@ UNCOUNTED_ROUTES = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"}
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; extra fields passed with ``extra=`` are included."""
 
-    RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+    RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

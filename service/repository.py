@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from service.batching import Batcher, BatchingConfig
+from service.batching import Batcher, BatchingConfig, Prepare
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import Metrics, VersionMetrics
 from service.preprocessing import ImageSpec
@@ -118,6 +118,12 @@ class ModelVersion:
         if self.batcher is None or not self.ready:
             raise ModelNotReady(f"model {self.name} version {self.version} is not ready")
         return await self.batcher.submit(rows)
+
+    async def predict_prepared(self, n: int, prepare: Prepare) -> np.ndarray:
+        """Like :meth:`predict`, for ``n`` rows that ``prepare()`` makes on the inference thread."""
+        if self.batcher is None or not self.ready:
+            raise ModelNotReady(f"model {self.name} version {self.version} is not ready")
+        return await self.batcher.submit_prepared(n, prepare)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "state": self.state}

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     """A request still queued after this long is answered 504 and not executed."""
     default_top_k: int = Field(5, ge=1)
     """Classes returned per image by the image endpoints when the request does not say."""
+    drain_seconds: float = Field(20.0, ge=0)
+    """On SIGTERM, longest wait for in-flight requests before exiting; keep below the orchestrator's grace period."""
 
     access_log: bool = True
     """Write one JSON log line per request."""
