@@ -31,6 +31,7 @@ from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
 from service.rest import images, tfserving, v2, web
 from service.rest import repository as repository_api
+from service.rest.fastpath import FastPathMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("service.app")
@@ -98,5 +99,9 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
+    app.add_middleware(FastPathMiddleware, fastapi_app=app, routers=[images.router, v2.router, tfserving.router],
+                       endpoints=[
+        images.predict, images.predict_version, v2.infer, v2.infer_version, tfserving.predict,
+        tfserving.predict_version])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app
