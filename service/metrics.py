@@ -66,6 +66,7 @@ class VersionMetrics:
         self.batch_rows = metrics.batch_rows.labels(model, version)
         self.inflight = metrics.inflight.labels(model, version)
         self.confidence = metrics.confidence.labels(model, version)
+        self.queue_depth = metrics.queue_depth.labels(model, version)
         self.success = metrics.inference_requests.labels(model, version, "success")
         self._classes: dict[int, Counter] = {}
 

@@ -289,6 +289,7 @@ class ModelRepository:
                 mv.batcher = Batcher(mv.runtime.predict, self._batching(config),  # type: ignore[union-attr]
                                      f"{name}:{version}", on_batch=mv.metrics.batch)
                 mv.batcher.start()
+                mv.metrics.queue_depth.set_function(lambda batcher=mv.batcher: batcher.queued_rows)
             else:
                 self._failed[(name, version)] = await asyncio.to_thread(_signature, path)
                 self.metrics.load_failures.labels(name, str(version)).inc()
