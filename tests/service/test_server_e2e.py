@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -81,8 +82,15 @@ def test_real_server_tfserving_and_metrics(server):
 
 def test_real_server_logs_json_lines_with_request_ids(server):
     httpx.get(f"{server.url}/models", headers={"x-request-id": "e2e-log-check"})
-    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
-    [entry] = [e for e in lines if e.get("request_id") == "e2e-log-check"]
+
+    def entries():  # the line is written just after the response is sent: poll briefly
+        lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+        return [e for e in lines if e.get("request_id") == "e2e-log-check"]
+
+    deadline = time.monotonic() + 5
+    while not entries() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [entry] = entries()
     assert entry["route"] == "/models" and entry["status"] == 200 and entry["level"] == "info"
     assert entry["duration_ms"] > 0
 
