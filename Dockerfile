@@ -1,0 +1,68 @@
+# convserve images, one file, two targets:
+#
+#   docker build -t convserve .                             # `serve` (the default: the last stage)
+#   docker build -t convserve-train --target train .        # `train`
+#
+# serve: ONNX Runtime + FastAPI only (pyproject.toml's base dependencies; no TensorFlow), the bundled
+#   models/ at /models, a non-root user, a HEALTHCHECK on /v2/health/ready. Threads: ONNX Runtime's
+#   intra-op pool defaults to half the CPUs the process may use, and service/settings.py
+#   available_cpus() caps that by the cgroup v2 quota (/sys/fs/cgroup/cpu.max), so `docker run --cpus 4`,
+#   compose `cpus:` or a Kubernetes CPU limit sizes it; CONVSERVE_INFERENCE_THREADS overrides it.
+#   SIGTERM (docker stop) drains in-flight requests for up to CONVSERVE_DRAIN_SECONDS (20), then exits 0.
+# train: TensorFlow + the training package; `python -m training` writes new versions to /models.
+#
+# Dependencies are installed from pyproject.toml with empty stand-in packages, in a layer before the code
+# is copied, so editing the code does not reinstall them.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
+RUN groupadd --system --gid 10001 convserve \
+    && useradd --system --uid 10001 --gid convserve --create-home --home-dir /home/convserve \
+       --shell /usr/sbin/nologin convserve \
+    && mkdir -p /app /models \
+    && chown convserve:convserve /models
+WORKDIR /app
+
+# ---------------------------------------------------------------------------------------------------------
+FROM base AS train
+COPY pyproject.toml ./
+RUN mkdir -p service training && touch README.md service/__init__.py training/__init__.py \
+    && pip install '.[train]' \
+    && pip uninstall -y convserve \
+    && rm -rf README.md service training build ./*.egg-info
+COPY service/ service/
+COPY training/ training/
+# The bundled versions, so the shared models volume is seeded the same whichever image mounts it first.
+COPY --chown=convserve:convserve models/ /models/
+# Writable by the user: checkpoints and logs, and the keras.datasets download cache (compose mounts volumes
+# on both; a volume mounted where the image has no directory would be owned by root).
+RUN mkdir -p /runs /home/convserve/.keras && chown convserve:convserve /runs /home/convserve/.keras
+USER convserve
+VOLUME ["/runs"]
+ENTRYPOINT ["python", "-m", "training"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------------------------------------
+FROM base AS serve
+COPY pyproject.toml ./
+RUN mkdir -p service && touch README.md service/__init__.py \
+    && pip install . \
+    && pip uninstall -y convserve \
+    && rm -rf README.md service build ./*.egg-info
+COPY service/ service/
+COPY --chown=convserve:convserve models/ /models/
+USER convserve
+ENV CONVSERVE_HOST=0.0.0.0 \
+    CONVSERVE_PORT=8000 \
+    CONVSERVE_MODELS_DIR=/models \
+    CONVSERVE_DRAIN_SECONDS=20
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
+CMD ["python", "-m", "service", "--models-dir", "/models", "--host", "0.0.0.0", "--port", "8000"]

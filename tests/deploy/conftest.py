@@ -1,0 +1,373 @@
+"""Fixtures for the deployment tests: the parsed Dockerfile, its serving command run as a real process,
+tiny models, and the metric names the service exports.
+
+The real-process fixtures start exactly the Dockerfile's serving CMD (``python -m service --models-dir ...
+--host ... --port ...``), with ``python`` replaced by this interpreter and the flag values by test ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+from onnx import TensorProto, helper, numpy_helper
+
+from service.app import create_app
+from service.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEST_DATA = REPO_ROOT / "tests" / "data"
+DIGITS = [str(i) for i in range(10)]
+
+
+# --- The Dockerfile ----------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for key, args in self.instructions if key == keyword]
+
+
+@dataclass
+class Dockerfile:
+    stages: list[Stage]
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    @property
+    def default(self) -> Stage:
+        """What ``docker build .`` builds: the last stage."""
+        return self.stages[-1]
+
+
+def parse_dockerfile(text: str) -> Dockerfile:
+    """Instructions per stage, continuation lines joined and comments dropped (enough for these checks)."""
+    logical: list[str] = []
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if current and line.startswith("#"):
+            continue  # comment lines inside a continued instruction
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            parts = args.split()
+            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else str(len(stages))
+            stages.append(Stage(name=name, base=parts[0]))
+        elif stages:
+            stages[-1].instructions.append((keyword, args))
+    return Dockerfile(stages)
+
+
+def exec_form(args: str) -> list[str]:
+    """A JSON-array (exec form) instruction argument; fails on the shell form."""
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def dockerfile() -> Dockerfile:
+    return parse_dockerfile((REPO_ROOT / "Dockerfile").read_text())
+
+
+@pytest.fixture(scope="session")
+def exec_form_args():
+    """``exec_form_args('["a", "b"]') == ["a", "b"]``"""
+    return exec_form
+
+
+@pytest.fixture(scope="session")
+def container_command(dockerfile: Dockerfile) -> list[str]:
+    """The serving image's CMD: the one command line the container and these tests run."""
+    cmds = dockerfile.default.all("CMD")
+    assert len(cmds) == 1, "the serving stage needs exactly one CMD"
+    return exec_form(cmds[0])
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    assert argv.count(flag) == 1, f"{flag} must appear once in {argv}"
+    return argv[argv.index(flag) + 1]
+
+
+def with_flags(argv: list[str], **values: str) -> list[str]:
+    """argv with the values of ``--flag-name`` flags replaced (keyword ``flag_name``)."""
+    out = list(argv)
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        flag_value(out, flag)
+        out[out.index(flag) + 1] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def replace_flags():
+    return with_flags
+
+
+# --- Real processes ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def get_free_port():
+    return free_port
+
+
+class ServiceProcess:
+    """The container's CMD as a local process on a loopback port."""
+
+    def __init__(self, command: list[str], models_dir: Path, log_dir: Path, env: dict[str, str],
+                 wait_for: str = "ready") -> None:
+        assert command[0] == "python", command
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [sys.executable, *with_flags(command[1:], models_dir=str(models_dir), host="127.0.0.1",
+                                                 port=str(self.port))]
+        self.log_path = log_dir / f"service-{self.port}.log"
+        self.log = open(self.log_path, "w+")
+        self.process = subprocess.Popen(
+            self.argv, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "CONVSERVE_INFERENCE_THREADS": "1", "CONVSERVE_ACCESS_LOG": "false", **env})
+        self.wait_until(f"/v2/health/{wait_for}")
+
+    def wait_until(self, path: str, timeout: float = 60) -> None:
+        """Until ``path`` answers 200 (the service is started, its models loaded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited with {self.process.returncode}: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}{path}", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"{path} not 200 after {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture()
+def start_service(container_command: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """``start_service(models_dir, wait_for="ready", **env)``: the serving CMD as a real process, once
+    /v2/health/<wait_for> answers 200; killed at the end if still running."""
+    started: list[ServiceProcess] = []
+    log_dir = tmp_path_factory.mktemp("logs")
+
+    def start(models_dir: Path, wait_for: str = "ready", **env: str) -> ServiceProcess:
+        service = ServiceProcess(container_command, models_dir, log_dir, env, wait_for)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.kill()
+        service.log.close()
+
+
+# --- Models ------------------------------------------------------------------------------------
+
+def tiny_classifier(height: int, width: int, channels: int, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """image [N,H,W,C] raw pixels -> /255 -> dense -> softmax: the real exports' interface, tiny."""
+    rng = np.random.default_rng(seed)
+    features = height * width * channels
+    graph = helper.make_graph(
+        [helper.make_node("Div", ["image", "scale"], ["scaled"]),
+         helper.make_node("Reshape", ["scaled", "flat_shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", height, width, channels])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+        initializer=[numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+                     numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
+                     numpy_helper.from_array(rng.normal(0, 0.05, (features, classes)).astype(np.float32),
+                                             "weights")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def write_tiny_version(root: Path, name: str, version: int, seed: int = 0) -> Path:
+    directory = root / name / str(version)
+    directory.mkdir(parents=True)
+    onnx.save(tiny_classifier(28, 28, 1, seed=seed), directory / "model.onnx")
+    metadata = {"name": name, "version": version, "labels": DIGITS, "digit": True,
+                "input": {"name": "image", "datatype": "FP32", "shape": [-1, 28, 28, 1]}}
+    (directory / "metadata.json").write_text(json.dumps(metadata))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny 28x28 digit model, ``digits`` version 1."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_version(root, "digits", 1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def repo_with_broken_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``digits``: version 1 serves, version 2 fails to load (both selected by its config.pbtxt)."""
+    root = tmp_path_factory.mktemp("models-broken")
+    write_tiny_version(root, "digits", 1)
+    broken = write_tiny_version(root, "digits", 2, seed=2)
+    (broken / "model.onnx").write_bytes(b"\x08\x01not an onnx model")
+    (root / "digits" / "config.pbtxt").write_text("version_policy: { latest: { num_versions: 2 } }\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundled_mnist_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the bundled, trained models/mnist/1 (ONNX + metadata), plus a version 2 whose model.onnx
+    does not match its sha256, so both a working model and a load failure are there to observe."""
+    source = REPO_ROOT / "models" / "mnist"
+    if not (source / "1" / "model.onnx").is_file():
+        pytest.skip("the bundled models/mnist/1 is not in this checkout")
+    root = tmp_path_factory.mktemp("models-mnist")
+    for version in ("1", "2"):
+        (root / "mnist" / version).mkdir(parents=True)
+        for name in ("model.onnx", "metadata.json"):
+            shutil.copy(source / "1" / name, root / "mnist" / version / name)
+    shutil.copy(source / "labels.txt", root / "mnist" / "labels.txt")
+    (root / "mnist" / "2" / "model.onnx").write_bytes((source / "1" / "model.onnx").read_bytes()[:1000])
+    config = (source / "config.pbtxt").read_text()
+    config = re.sub(r"version_policy:.*", "version_policy: { latest: { num_versions: 2 } }", config)
+    (root / "mnist" / "config.pbtxt").write_text(config)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_pngs() -> list[bytes]:
+    """Real MNIST test digits, committed as PNGs."""
+    return [path.read_bytes() for path in sorted((TEST_DATA / "mnist").glob("*.png"))]
+
+
+# --- What the service exports ------------------------------------------------------------------
+
+def metric_names(exposition: str) -> set[str]:
+    """Every series name in a Prometheus text exposition, plus the names of declared families that have no
+    series yet (a labelled counter nobody incremented): histograms with their _bucket/_sum/_count."""
+    names: set[str] = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names.add(name)
+            if kind == "histogram":
+                names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+@pytest.fixture(scope="session")
+def exported_metrics(repo_with_broken_version: Path, mnist_pngs: list[bytes]) -> str:
+    """/metrics of an in-process app after predictions through every protocol and one load failure."""
+    settings = Settings(models_dir=repo_with_broken_version, access_log=False, inference_threads=1,
+                        repository_poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(mnist_pngs[:4])]
+        assert client.post("/models/digits/predict", files=files).status_code == 200
+        tensor = {"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "FP32", "data": [0.0] * 784}]}
+        assert client.post("/v2/models/digits/infer", json=tensor).status_code == 200
+        return client.get("/metrics").text
+
+
+@pytest.fixture(scope="session")
+def exported_metric_names(exported_metrics: str) -> set[str]:
+    return metric_names(exported_metrics)
+
+
+@pytest.fixture(scope="session")
+def app_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """The app's routes: path template -> HTTP methods (from its OpenAPI schema, plus /metrics)."""
+    app = create_app(Settings(models_dir=tmp_path_factory.mktemp("empty"), access_log=False))
+    return {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
+
+
+@pytest.fixture(scope="session")
+def settings_env_names() -> set[str]:
+    """Every environment variable the service reads: CONVSERVE_<FIELD>."""
+    return {f"CONVSERVE_{name.upper()}" for name in Settings.model_fields}
+
+
+# --- Grafana -----------------------------------------------------------------------------------
+
+GRAFANA = REPO_ROOT / "deploy" / "grafana"
+
+
+@pytest.fixture(scope="session")
+def dashboard() -> dict:
+    (path,) = (GRAFANA / "dashboards").glob("*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query in the dashboard, the template variables' included."""
+    queries = [(panel["title"], target["expr"]) for panel in dashboard["panels"]
+               for target in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        queries.append((f"${variable['name']}", query))
+    return queries
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b(convserve_[A-Za-z0-9_]+)\b", expr))
+
+
+@pytest.fixture(scope="session")
+def metric_names_in():
+    """``metric_names_in(promql) -> {"convserve_...", ...}``"""
+    return promql_metric_names
