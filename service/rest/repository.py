@@ -54,10 +54,11 @@ def _checked_name(name: str) -> str:
 
 
 @router.post("/v2/repository/index", response_model=None, responses={**AUTH_ERRORS},
-             summary="Models in the repository and the state of their versions")
+             summary="Rescan the repository; list its models and the state of their versions")
 async def repository_index(request: Request) -> Response:
     dataplane = authorize(request)
     payload = parse_json(await read_body(request, 64 * 1024) or b"{}")
+    await dataplane.repository.refresh()  # the index also picks up what changed on disk
     entries = await dataplane.repository.index()
     if isinstance(payload, dict) and payload.get("ready"):
         entries = [e for e in entries if e["state"] == "READY"]

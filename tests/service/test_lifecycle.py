@@ -150,6 +150,14 @@ def test_repository_load_picks_up_a_new_version_without_polling(admin, make_vers
     assert served_version(client) == ["2"]
 
 
+def test_repository_index_rescans_the_disk(admin, make_version):
+    client, root = admin
+    publish(root, make_version, "m", 2)
+    entries = client.post("/v2/repository/index", headers=AUTH).json()
+    assert ("m", "2", "READY") in {(e["name"], e["version"], e["state"]) for e in entries}
+    assert served_version(client) == ["2"]
+
+
 def test_repository_load_refuses_paths_and_unknown_names(admin):
     client, _ = admin
     for name in ("..", "..%2F..%2Fetc", "%2Fetc%2Fpasswd", ".hidden", "a%20b"):
