@@ -52,6 +52,7 @@ class Recipe:
     warmup_epochs: int = 0
     schedule: str = "cosine"  # "cosine" or "constant"
     label_smoothing: float = 0.0
+    ema_momentum: float = 0.0  # >0: evaluate, keep and export an exponential moving average of the weights
     validation_size: int = 5000
     early_stopping_patience: int = 0  # 0: train every epoch, keep the best on validation
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -149,7 +150,7 @@ RECIPES: dict[str, Recipe] = {
         input_shape=(28, 28, 1),
         labels=FASHION_LABELS,
         digit=False,
-        epochs=40,
+        epochs=50,
         batch_size=128,
         optimizer="adam",
         learning_rate=2e-3,
@@ -157,6 +158,7 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=1,
         schedule="cosine",
         label_smoothing=0.1,
+        ema_momentum=0.999,
         validation_size=5000,
         augmentation=Augmentation(pad_crop=2, horizontal_flip=True),
     ),

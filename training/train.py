@@ -123,13 +123,14 @@ def learning_rate_at(recipe: Recipe, epoch: int) -> float:
 def make_optimizer(recipe: Recipe) -> Any:
     import keras
 
+    ema = {"use_ema": True, "ema_momentum": recipe.ema_momentum} if recipe.ema_momentum else {}
     if recipe.optimizer == "sgd":
         return keras.optimizers.SGD(recipe.learning_rate, momentum=0.9, nesterov=True,
-                                    weight_decay=recipe.weight_decay or None)
+                                    weight_decay=recipe.weight_decay or None, **ema)
     if recipe.optimizer == "adam":
         if recipe.weight_decay:
-            return keras.optimizers.AdamW(recipe.learning_rate, weight_decay=recipe.weight_decay)
-        return keras.optimizers.Adam(recipe.learning_rate)
+            return keras.optimizers.AdamW(recipe.learning_rate, weight_decay=recipe.weight_decay, **ema)
+        return keras.optimizers.Adam(recipe.learning_rate, **ema)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 
@@ -198,6 +199,9 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
         keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False),
         Persist(),
     ]
+    if recipe.ema_momentum:
+        # Validation, checkpoints and the exported model all use the averaged weights.
+        callbacks.insert(1, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if recipe.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                        patience=recipe.early_stopping_patience))
