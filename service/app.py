@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service import __version__
 from service.dataplane import DataPlane
@@ -91,7 +91,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.include_router(repository_api.router)
     app.include_router(web.router)
 
-    @app.get("/metrics", include_in_schema=True, tags=["observability"], summary="Prometheus metrics")
+    @app.get("/metrics", include_in_schema=True, tags=["observability"], summary="Prometheus metrics",
+             response_class=PlainTextResponse)  # documents the text exposition format, not JSON
     async def prometheus_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -13,6 +13,7 @@ serves the whole batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,9 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded, ServingError
+from service.errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    InferenceFailed,
+    ModelNotReady,
+    Overloaded,
+    ServingError,
+)
 
 Prepare = Callable[[], np.ndarray]
+Gone = Callable[[], bool]  # True once the client has disconnected
+log = logging.getLogger("service.batching")
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class _Item:
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float
+    gone: Gone | None
 
 
 @dataclass
@@ -81,21 +92,28 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self._name}")
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
+    def check_capacity(self) -> None:
+        """Refuse at once when the queue is full: before a request's body is even read."""
+        if self._queued_rows >= self.config.max_queue_size:
+            raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later")
+
+    async def submit(self, rows: np.ndarray, gone: Gone | None = None) -> np.ndarray:
         """Queue ``rows`` (a batch of one or more inputs) and wait for their outputs."""
-        return await self._enqueue(len(rows), rows, None)
+        return await self._enqueue(len(rows), rows, None, gone)
 
-    async def submit_prepared(self, n: int, prepare: Prepare) -> np.ndarray:
+    async def submit_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> np.ndarray:
         """Queue a request of ``n`` rows that ``prepare()`` makes on the inference thread."""
-        return await self._enqueue(n, None, prepare)
+        return await self._enqueue(n, None, prepare, gone)
 
-    async def _enqueue(self, n: int, rows: np.ndarray | None, prepare: Prepare | None) -> np.ndarray:
+    async def _enqueue(self, n: int, rows: np.ndarray | None, prepare: Prepare | None,
+                       gone: Gone | None) -> np.ndarray:
         if self._closed:
             raise ModelNotReady(f"model {self._name} is unloading")
         if self._queued_rows + n > self.config.max_queue_size and self._queued_rows:
             raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later")
         now = time.monotonic()
-        item = _Item(n, rows, prepare, asyncio.get_running_loop().create_future(), now, now + self.config.timeout_s)
+        item = _Item(n, rows, prepare, asyncio.get_running_loop().create_future(), now,
+                     now + self.config.timeout_s, gone)
         self._queue.append(item)
         self._queued_rows += n
         self._wakeup.set()
@@ -149,6 +167,10 @@ class Batcher:
                 except ServingError as exc:  # a bad image fails its own request only
                     failures[index] = exc
                     continue
+                except Exception as exc:  # so does an unforeseen decoder error: the batch's others still run
+                    log.exception("preparing a request failed", extra={"model": self._name})
+                    failures[index] = InferenceFailed(f"preprocessing failed: {exc.__class__.__name__}")
+                    continue
             arrays.append(item.rows)
         if not arrays:
             return _Executed(None, failures, 0, 0.0)
@@ -168,7 +190,10 @@ class Batcher:
                 break
             self._queue.popleft()
             self._queued_rows -= item.n
-            if item.future.done():  # the caller went away
+            if item.future.done():  # the caller was cancelled
+                continue
+            if item.gone is not None and item.gone():  # the client disconnected: nobody reads the answer
+                item.future.set_exception(ClientDisconnected("client disconnected before the request ran"))
                 continue
             if now > item.deadline:
                 item.future.set_exception(DeadlineExceeded(

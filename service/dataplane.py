@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InvalidInput, Overloaded, ServingError
+from service.batching import Gone
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded, ServingError
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits, preprocess
 from service.repository import ModelRepository, ModelVersion
@@ -68,9 +69,19 @@ class DataPlane:
             raise InvalidInput("input contains NaN or Inf values")
         return rows
 
-    async def infer(self, mv: ModelVersion, rows: np.ndarray) -> Prediction:
+    def admit(self, mv: ModelVersion) -> None:
+        """Refuse a request for a full queue before its body is read or parsed."""
+        assert mv.batcher is not None and mv.metrics is not None
+        try:
+            mv.batcher.check_capacity()
+        except Overloaded:
+            mv.metrics.rejected("queue_full")
+            mv.metrics.outcome("rejected")
+            raise
+
+    async def infer(self, mv: ModelVersion, rows: np.ndarray, gone: Gone | None = None) -> Prediction:
         """Run validated rows [N, H, W, C] through a version's batching queue, with metrics."""
-        return await self._run(mv, len(rows), mv.predict(rows))
+        return await self._run(mv, len(rows), mv.predict(rows, gone))
 
     async def _run(self, mv: ModelVersion, n: int, outputs_of: Awaitable[np.ndarray]) -> Prediction:
         m = mv.metrics
@@ -85,6 +96,9 @@ class DataPlane:
         except DeadlineExceeded:
             m.rejected("deadline")
             m.outcome("timeout")
+            raise
+        except ClientDisconnected:
+            m.outcome("abandoned")
             raise
         except ServingError as exc:
             m.outcome("invalid" if exc.status < 500 else "error")
@@ -103,7 +117,8 @@ class DataPlane:
         mv = self.version(name, version)
         return await self.infer(mv, self.check_rows(mv, rows))
 
-    async def infer_images(self, name: str, version: str | None, images: list[bytes]) -> Prediction:
+    async def infer_images(self, name: str, version: str | None, images: list[bytes],
+                           gone: Gone | None = None) -> Prediction:
         """Infer on encoded images as one request; they are decoded on the model's inference thread."""
         mv = self.version(name, version)
         if not images:
@@ -120,7 +135,7 @@ class DataPlane:
             metrics.preprocess_latency.observe(time.perf_counter() - started)
             return rows
 
-        return await self._run(mv, len(images), mv.predict_prepared(len(images), prepare))
+        return await self._run(mv, len(images), mv.predict_prepared(len(images), prepare, gone))
 
     def _decode_all(self, mv: ModelVersion, images: list[bytes]) -> np.ndarray:
         spec = mv.image_spec

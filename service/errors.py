@@ -64,6 +64,12 @@ class DeadlineExceeded(ServingError):
     status = 504
 
 
+class ClientDisconnected(ServingError):
+    """The client went away before its request ran; it is dropped, not executed."""
+
+    status = 499
+
+
 class InferenceFailed(ServingError):
     status = 500
 

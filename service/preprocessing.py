@@ -7,6 +7,7 @@ classic MNIST normalisation, so a photo of a digit on paper looks like an MNIST 
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ from service.errors import InvalidInput, PayloadTooLarge
 MNIST_BOX = 20  # MNIST digits are fitted into 20x20 ...
 MNIST_SIZE = 28  # ... and centred by centre of mass in 28x28
 _BLUR = ImageFilter.GaussianBlur(1)
+# The encoded formats accepted. Only their decoders are ever tried, so Pillow's many others (PPM, PCX, ICO,
+# EPS, PSD, ...) stay out of reach of uploads. MPO is the multi-picture JPEG that cameras write; the JPEG
+# decoder opens it under that name.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+OPENED_AS = (*ACCEPTED_FORMATS, "MPO")
+SUPPORTED = "supported: PNG, JPEG, GIF, BMP, WebP, TIFF"
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,13 @@ class ImageLimits:
     max_pixels: int
 
 
+@functools.cache
+def _decoders() -> tuple[str, ...]:
+    """The accepted formats this Pillow build can decode (naming one it lacks would fail every upload)."""
+    Image.init()
+    return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+
+
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode the first frame of an encoded image under the byte and pixel limits."""
     if not data:
@@ -46,7 +60,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_decoders())
+            if img.format not in OPENED_AS:
+                raise InvalidInput(f"image format {img.format} is not accepted ({SUPPORTED})")
             width, height = img.size
             if width * height > limits.max_pixels:
                 raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of "
@@ -60,7 +76,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         if isinstance(exc, UnidentifiedImageError):
-            raise InvalidInput("not a decodable image (supported: PNG, JPEG, GIF, BMP, WebP, TIFF)") from None
+            raise InvalidInput(f"not a decodable image ({SUPPORTED})") from None
         raise PayloadTooLarge("image exceeds the pixel limit") from None
     except Exception as exc:  # truncated or corrupt data surfaces as many error types
         raise InvalidInput(f"corrupt or truncated image ({exc.__class__.__name__})") from None
@@ -165,5 +181,8 @@ def preprocess(data: bytes, spec: ImageSpec, limits: ImageLimits) -> np.ndarray:
     img = decode_image(data, limits)
     try:
         return image_to_input(img, spec)
+    except (ValueError, OSError):  # a mode Pillow cannot convert (LAB, ...): a bad upload, not a server fault
+        target = "grayscale" if spec.channels == 1 else "RGB"
+        raise InvalidInput(f"cannot convert a {img.mode} image to {target}") from None
     finally:
         img.close()

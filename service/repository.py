@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from service.batching import Batcher, BatchingConfig, Prepare
+from service.batching import Batcher, BatchingConfig, Gone, Prepare
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import Metrics, VersionMetrics
 from service.preprocessing import ImageSpec
@@ -30,6 +30,7 @@ log = logging.getLogger("service.repository")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+ABSOLUTE_PATH_RE = re.compile(r"(?<![\w.:/-])/[\w.+-]+(?:/[\w.+-]*)*")
 READY, LOADING, UNAVAILABLE, FAILED = "READY", "LOADING", "UNAVAILABLE", "FAILED"
 WARMUP_BATCHES = (1, 8, 1)
 
@@ -113,17 +114,17 @@ class ModelVersion:
     def label(self, class_id: int) -> str:
         return self.labels[class_id] if 0 <= class_id < len(self.labels) else str(class_id)
 
-    async def predict(self, rows: np.ndarray) -> np.ndarray:
+    async def predict(self, rows: np.ndarray, gone: Gone | None = None) -> np.ndarray:
         """Run a float32 batch through this version's batching queue."""
         if self.batcher is None or not self.ready:
             raise ModelNotReady(f"model {self.name} version {self.version} is not ready")
-        return await self.batcher.submit(rows)
+        return await self.batcher.submit(rows, gone)
 
-    async def predict_prepared(self, n: int, prepare: Prepare) -> np.ndarray:
+    async def predict_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> np.ndarray:
         """Like :meth:`predict`, for ``n`` rows that ``prepare()`` makes on the inference thread."""
         if self.batcher is None or not self.ready:
             raise ModelNotReady(f"model {self.name} version {self.version} is not ready")
-        return await self.batcher.submit_prepared(n, prepare)
+        return await self.batcher.submit_prepared(n, prepare, gone)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "state": self.state}
@@ -174,8 +175,9 @@ def load_version(name: str, version: int, path: Path, settings: Settings) -> Mod
                             .astype(np.float32))
         mv.state = READY
     except Exception as exc:
-        # Runtime errors quote file paths: keep them relative to the repository for clients.
-        reason = str(exc).replace(str(path), f"{name}/{version}")
+        # Runtime errors quote file paths: keep them relative to the repository for clients, and no other
+        # absolute path (a resolved external-data location, a build path) reaches them either.
+        reason = ABSOLUTE_PATH_RE.sub("<path>", str(exc).replace(str(path), f"{name}/{version}"))
         mv.state, mv.error = FAILED, f"failed to load: {reason}"
     mv.load_seconds = round(time.perf_counter() - started, 4)
     return mv
@@ -299,7 +301,15 @@ class ModelRepository:
                     "model version %s", "loaded" if mv.ready else "failed to load",
                     extra={"model": name, "version": version, "state": mv.state, "error": mv.error,
                            "load_seconds": mv.load_seconds})
-        for version in [v for v in model.versions if v not in wanted]:
+        keep = set(wanted)
+        missing = len(wanted) - sum(model.versions[v].ready for v in wanted)
+        if missing > 0:
+            # A selected version failed (corrupt, half-written): the newest ready ones that are still on disk
+            # keep serving in its place until it is fixed, so a bad publish never takes a model down.
+            fallback = sorted((v for v, mv in model.versions.items() if v not in keep and mv.ready and v in versions),
+                              reverse=True)
+            keep.update(fallback[:missing])
+        for version in [v for v in model.versions if v not in keep]:
             mv = model.versions.pop(version)
             model.update_serving()
             await self._unload(mv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -35,6 +36,15 @@ def parse_json(data: bytes | memoryview) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON ({exc.msg} at position {exc.pos})") from None
+
+
+def disconnect_probe(request: Request) -> Callable[[], bool] | None:
+    """A cheap "has the client gone?" check, where the server exposes it (uvicorn's request cycle
+    keeps a ``disconnected`` flag). Queued work of a gone client is dropped instead of run."""
+    cycle = getattr(request.receive, "__self__", None)
+    if cycle is not None and isinstance(getattr(cycle, "disconnected", None), bool):
+        return lambda: cycle.disconnected
+    return None
 
 
 def media_type(request: Request) -> str:

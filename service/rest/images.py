@@ -12,7 +12,7 @@ from starlette.responses import Response
 from service.dataplane import DataPlane, top_k
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.responses import json_response
-from service.rest.body import media_type, parse_json, read_body
+from service.rest.body import disconnect_probe, media_type, parse_json, read_body
 from service.rest.multipart import parse_multipart
 from service.rest.schemas import ErrorResponse, ModelsResponse, PredictResponse
 
@@ -87,10 +87,10 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
-    dataplane.version(name, version)  # 404/503 before reading a large body
+    dataplane.admit(dataplane.version(name, version))  # 404, 503 before reading a large body
     images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
     k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
-    result = await dataplane.infer_images(name, version, images)
+    result = await dataplane.infer_images(name, version, images, disconnect_probe(request))
     mv = result.model
     return json_response({"model": mv.name, "version": mv.version, "predictions": top_k(mv, result.outputs, k)})
 

@@ -18,7 +18,7 @@ from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput
 from service.repository import FAILED, READY, ModelVersion
 from service.responses import json_response
-from service.rest.body import parse_json, read_body
+from service.rest.body import disconnect_probe, parse_json, read_body
 from service.rest.images import ERRORS
 from service.rest.schemas import TFModelStatus, TFPredictRequest, TFPredictResponse
 
@@ -90,6 +90,8 @@ def _tensor(values: Any, where: str) -> np.ndarray:
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     mv = dataplane.version(name, version)
+    dataplane.admit(mv)
+    gone = disconnect_probe(request)
     payload = parse_json(await read_body(request, dataplane.settings.max_body_bytes))
     if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
         raise InvalidInput('request must be a JSON object with either "instances" or "inputs"')
@@ -111,12 +113,12 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
     result: Prediction
     if isinstance(values, list) and values and all(_is_b64(v) for v in values):
         images = [_b64(v, f"instance {i}") for i, v in enumerate(values)]
-        result = await dataplane.infer_images(name, version, images)
+        result = await dataplane.infer_images(name, version, images, gone)
     elif _is_b64(values):
-        result = await dataplane.infer_images(name, version, [_b64(values, "inputs")])
+        result = await dataplane.infer_images(name, version, [_b64(values, "inputs")], gone)
     else:
-        result = await dataplane.infer(mv, dataplane.check_rows(mv, _tensor(values, "instances" if row_format
-                                                                         else "inputs")))
+        rows = dataplane.check_rows(mv, _tensor(values, "instances" if row_format else "inputs"))
+        result = await dataplane.infer(mv, rows, gone)
     key = "predictions" if row_format else "outputs"
     return json_response({key: result.outputs})
 

@@ -7,6 +7,7 @@ Supports JSON tensors (flat or nested ``data``), the binary tensor data extensio
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -19,7 +20,7 @@ from service.dataplane import DataPlane
 from service.errors import InvalidInput, ModelNotReady
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
-from service.rest.body import parse_json, read_body
+from service.rest.body import disconnect_probe, parse_json, read_body
 from service.rest.images import ERRORS
 from service.rest.schemas import ServerMetadata, V2InferRequest, V2InferResponse, V2ModelMetadata
 
@@ -82,7 +83,7 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
     if dtype is None:
         raise InvalidInput(f"input {name!r}: unsupported datatype {datatype!r} "
                            f"(supported: {', '.join(DATATYPES)})")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # exact: an int64 product of a hostile shape could wrap around to a small number
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput(f"input {name!r}: parameters must be an object")
@@ -93,8 +94,7 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
         if size != count * dtype.itemsize:
             raise InvalidInput(f"input {name!r}: {size} bytes of binary data for shape {shape} "
                                f"of {datatype} (expected {count * dtype.itemsize})")
-        array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
-        return array, offset + size
+        return _shaped(np.frombuffer(binary[offset:offset + size], dtype=dtype), shape, name), offset + size
     data = spec.get("data")
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r}: needs data (a list) or parameters.binary_data_size")
@@ -104,7 +104,14 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
         raise InvalidInput(f"input {name!r}: data is not a regular array of {datatype} values") from None
     if array.size != count:
         raise InvalidInput(f"input {name!r}: {array.size} values for shape {shape} (expected {count})")
-    return array.reshape(shape), offset
+    return _shaped(array, shape, name), offset
+
+
+def _shaped(array: np.ndarray, shape: list[int], name: Any) -> np.ndarray:
+    try:
+        return array.reshape(shape)
+    except ValueError:  # an empty tensor whose other dimensions numpy cannot represent
+        raise InvalidInput(f"input {name!r}: shape {shape} is too large") from None
 
 
 def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[str, bool, int]]:
@@ -119,7 +126,7 @@ def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[
         raise InvalidInput("outputs must be a list")
     result = []
     for out in requested:
-        if not isinstance(out, dict) or out.get("name") not in known:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str) or out["name"] not in known:
             raise InvalidInput(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}; "
                                f"this model has {sorted(known)}")
         params = out.get("parameters") or {}
@@ -181,6 +188,7 @@ def _infer_response(mv: ModelVersion, outputs: np.ndarray, payload: dict[str, An
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     mv = dataplane.version(name, version)
+    dataplane.admit(mv)
     body = await read_body(request, dataplane.settings.max_body_bytes)
     payload, binary = _split_body(request, body)
     if not isinstance(payload, dict):
@@ -192,7 +200,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         raise InvalidInput(f"unknown input {inputs[0].get('name')!r}; this model takes {mv.input.name!r}")
     _requested_outputs(payload, mv)  # reject bad output requests before running the model
     tensor, _ = _input_tensor(inputs[0], binary, 0)
-    result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor))
+    result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), disconnect_probe(request))
     return _infer_response(result.model, result.outputs, payload)
 
 

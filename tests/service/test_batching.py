@@ -162,3 +162,46 @@ def test_closed_batcher_refuses_new_work():
             await batcher.submit(np.zeros((1, 1), dtype=np.float32))
 
     run(scenario())
+
+
+def test_requests_of_disconnected_clients_are_dropped_not_run():
+    from service.errors import ClientDisconnected
+
+    async def scenario():
+        model = RecordingModel()
+        model.gate.clear()
+        batcher = Batcher(model, BatchingConfig(max_batch_size=1), "m")
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32), gone=lambda: True))
+        await asyncio.sleep(0)
+        model.gate.set()
+        await first
+        with pytest.raises(ClientDisconnected):
+            await gone
+        await batcher.close()
+        return model
+
+    assert run(scenario()).batches == [1]
+
+
+def test_check_capacity_refuses_only_a_full_queue():
+    async def scenario():
+        model = RecordingModel()
+        model.gate.clear()
+        batcher = Batcher(model, BatchingConfig(max_batch_size=1, max_queue_size=1), "m")
+        batcher.start()
+        batcher.check_capacity()  # empty: fine
+        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.02)  # running, queue empty again
+        batcher.check_capacity()
+        queued = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            batcher.check_capacity()
+        model.gate.set()
+        await asyncio.gather(first, queued)
+        await batcher.close()
+
+    run(scenario())

@@ -138,3 +138,19 @@ def test_clients_that_disconnect_leave_nothing_behind(server, mnist_pngs):
     assert metric(text, 'convserve_queue_rows{model="digits",version="2"}') == 0
     response = httpx.post(f"{server.url}/models/digits/predict", content=image, headers={"content-type": "image/png"})
     assert response.status_code == 200
+
+
+def test_full_queue_refuses_before_reading_the_body(app_client_factory, model_repo):
+    client = app_client_factory(model_repo, max_queue_size=1, max_batch_size=1)
+    slow_down(client, 0.5)
+    threads = [threading.Thread(target=client.post, args=("/v2/models/digits/infer",), kwargs={"json": infer_body()})
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)  # one running, one queued: the queue is full
+    response = client.post("/v2/models/digits/infer", content=b"{not even json",
+                           headers={"content-type": "application/json"})
+    for thread in threads:
+        thread.join()
+    assert response.status_code == 503  # not 400: refused before the body was parsed
+    assert response.headers["retry-after"] == "1"
