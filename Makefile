@@ -37,10 +37,10 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check service training tests bench
+	$(BIN)/ruff check service training tests bench fuzz
 
 format: $(VENV)/.dev
-	$(BIN)/ruff format service training tests bench
+	$(BIN)/ruff format service training tests bench fuzz
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -21,11 +21,14 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-upload: a client's doing (499), not a server error with a traceback
+        raise ClientDisconnected("client disconnected while sending the request body") from None
     body = b"".join(chunks)
     request._body = body  # later parsers (multipart) read the cached body
     return body
