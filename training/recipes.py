@@ -32,6 +32,9 @@ class Augmentation:
     """Flip left-right with probability 0.5."""
     rotation_degrees: float = 0.0
     """Rotate by a random angle in [-d, d] degrees."""
+    cutout: int = 0
+    """Random erasing: blank the pixels within cutout // 2 of a random centre (a square of side
+    2 * (cutout // 2) + 1, clipped at the border)."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +161,8 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=1,
         schedule="cosine",
         label_smoothing=0.1,
-        ema_momentum=0.999,
         validation_size=5000,
-        augmentation=Augmentation(pad_crop=2, horizontal_flip=True),
+        augmentation=Augmentation(pad_crop=2, horizontal_flip=True, cutout=8),
     ),
     "cifar10": Recipe(
         name="cifar10",

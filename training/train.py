@@ -79,9 +79,24 @@ def augment_fn(recipe: Recipe) -> Any:
             image = tf.image.random_flip_left_right(image)
         if rotate is not None:
             image = rotate(image, training=True)
+        if aug.cutout:
+            image = _cutout(image, aug.cutout)
         return image, label
 
     return apply
+
+
+def _cutout(image: Any, size: int) -> Any:
+    """Zero the pixels within size // 2 of a random centre (clipped at the border)."""
+    import tensorflow as tf
+
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    cy = tf.random.uniform([], 0, height, dtype=tf.int32)
+    cx = tf.random.uniform([], 0, width, dtype=tf.int32)
+    rows = tf.range(height)[:, None]
+    cols = tf.range(width)[None, :]
+    inside = (tf.abs(rows - cy) <= size // 2) & (tf.abs(cols - cx) <= size // 2)
+    return image * tf.cast(~inside, image.dtype)[..., None]
 
 
 def make_datasets(recipe: Recipe, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
