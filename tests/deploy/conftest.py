@@ -8,31 +8,23 @@ The real-process fixtures start exactly the Dockerfile's serving CMD (``python -
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-import numpy as np
-import onnx
 import pytest
 from fastapi.testclient import TestClient
-from onnx import TensorProto, helper, numpy_helper
 
 from service.app import create_app
 from service.settings import Settings
+from tests.support.models import write_digit_version
+from tests.support.server import ServiceProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_DATA = REPO_ROOT / "tests" / "data"
-DIGITS = [str(i) for i in range(10)]
 
 
 # --- The Dockerfile ----------------------------------------------------------------------------
@@ -141,60 +133,15 @@ def replace_flags():
 
 # --- Real processes ----------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def get_free_port():
     return free_port
 
 
-class ServiceProcess:
-    """The container's CMD as a local process on a loopback port."""
-
-    def __init__(self, command: list[str], models_dir: Path, log_dir: Path, env: dict[str, str],
-                 wait_for: str = "ready") -> None:
-        assert command[0] == "python", command
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.argv = [sys.executable, *with_flags(command[1:], models_dir=str(models_dir), host="127.0.0.1",
-                                                 port=str(self.port))]
-        self.log_path = log_dir / f"service-{self.port}.log"
-        self.log = open(self.log_path, "w+")
-        self.process = subprocess.Popen(
-            self.argv, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "CONVSERVE_INFERENCE_THREADS": "1", "CONVSERVE_ACCESS_LOG": "false", **env})
-        self.wait_until(f"/v2/health/{wait_for}")
-
-    def wait_until(self, path: str, timeout: float = 60) -> None:
-        """Until ``path`` answers 200 (the service is started, its models loaded)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited with {self.process.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}{path}", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"{path} not 200 after {timeout}s: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def terminate(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+def container_argv(command: list[str], models_dir: Path, port: int) -> list[str]:
+    """The container's CMD with this interpreter for ``python`` and test values for its flags."""
+    assert command[0] == "python", command
+    return [sys.executable, *with_flags(command[1:], models_dir=str(models_dir), host="127.0.0.1", port=str(port))]
 
 
 @pytest.fixture()
@@ -205,54 +152,25 @@ def start_service(container_command: list[str], tmp_path_factory: pytest.TempPat
     log_dir = tmp_path_factory.mktemp("logs")
 
     def start(models_dir: Path, wait_for: str = "ready", **env: str) -> ServiceProcess:
-        service = ServiceProcess(container_command, models_dir, log_dir, env, wait_for)
+        port = free_port()
+        service = ServiceProcess(models_dir, log_dir, {"CONVSERVE_ACCESS_LOG": "false", **env},
+                                 argv=container_argv(container_command, models_dir, port), port=port,
+                                 wait_for=f"/v2/health/{wait_for}")
         started.append(service)
         return service
 
     yield start
     for service in started:
         service.kill()
-        service.log.close()
 
 
 # --- Models ------------------------------------------------------------------------------------
-
-def tiny_classifier(height: int, width: int, channels: int, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
-    """image [N,H,W,C] raw pixels -> /255 -> dense -> softmax: the real exports' interface, tiny."""
-    rng = np.random.default_rng(seed)
-    features = height * width * channels
-    graph = helper.make_graph(
-        [helper.make_node("Div", ["image", "scale"], ["scaled"]),
-         helper.make_node("Reshape", ["scaled", "flat_shape"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", height, width, channels])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
-        initializer=[numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
-                     numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
-                     numpy_helper.from_array(rng.normal(0, 0.05, (features, classes)).astype(np.float32),
-                                             "weights")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def write_tiny_version(root: Path, name: str, version: int, seed: int = 0) -> Path:
-    directory = root / name / str(version)
-    directory.mkdir(parents=True)
-    onnx.save(tiny_classifier(28, 28, 1, seed=seed), directory / "model.onnx")
-    metadata = {"name": name, "version": version, "labels": DIGITS, "digit": True,
-                "input": {"name": "image", "datatype": "FP32", "shape": [-1, 28, 28, 1]}}
-    (directory / "metadata.json").write_text(json.dumps(metadata))
-    return directory
-
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny 28x28 digit model, ``digits`` version 1."""
     root = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_version(root, "digits", 1)
+    write_digit_version(root, "digits", 1)
     return root
 
 
@@ -260,8 +178,8 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def repo_with_broken_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``digits``: version 1 serves, version 2 fails to load (both selected by its config.pbtxt)."""
     root = tmp_path_factory.mktemp("models-broken")
-    write_tiny_version(root, "digits", 1)
-    broken = write_tiny_version(root, "digits", 2, seed=2)
+    write_digit_version(root, "digits", 1)
+    broken = write_digit_version(root, "digits", 2, seed=2)
     (broken / "model.onnx").write_bytes(b"\x08\x01not an onnx model")
     (root / "digits" / "config.pbtxt").write_text("version_policy: { latest: { num_versions: 2 } }\n")
     return root

@@ -24,12 +24,12 @@ def test_cmd_is_the_service_module_on_all_interfaces_port_8000(container_command
 
 
 def test_service_tests_real_server_runs_the_same_module_and_flags(container_command, repo_root):
-    """tests/service/conftest.py RunningServer (the protocol end-to-end tests) starts the same command."""
-    tree = ast.parse((repo_root / "tests" / "service" / "conftest.py").read_text())
-    server = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "RunningServer")
-    assignment = next(n for n in ast.walk(server) if isinstance(n, ast.Assign)
-                      and any(isinstance(t, ast.Name) and t.id == "command" for t in n.targets))
-    elements = assignment.value.elts
+    """tests/support/server.py default_argv (the real server of the protocol end-to-end, web and reliability
+    tests) starts the same command."""
+    tree = ast.parse((repo_root / "tests" / "support" / "server.py").read_text())
+    function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "default_argv")
+    (returned,) = [n for n in ast.walk(function) if isinstance(n, ast.Return)]
+    elements = returned.value.elts
     assert ast.unparse(elements[0]) == "sys.executable"
     constants = [e.value for e in elements[1:] if isinstance(e, ast.Constant)]
     assert constants[:2] == container_command[1:3] == ["-m", "service"]

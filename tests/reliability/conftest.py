@@ -9,67 +9,31 @@ each other or this file).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+
+from tests.support.models import tiny_classifier, write_digit_version
+from tests.support.server import ServiceProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_DATA = REPO_ROOT / "tests" / "data"
 BUNDLED_MNIST = REPO_ROOT / "models" / "mnist"
-DIGITS = [str(i) for i in range(10)]
 # Small enough that an over-limit body is cheap to send, big enough for a 64-row binary batch (200 KB).
 MAX_BODY_BYTES = 2 * 1024 * 1024
 MAX_REQUEST_ROWS = 64
+# Every server of the suite: no access log, and no polling of the models directory (only at start and on request).
+SERVER_ENV = {"CONVSERVE_ACCESS_LOG": "false", "CONVSERVE_REPOSITORY_POLL_SECONDS": "0"}
 
 
 # --- Models ------------------------------------------------------------------------------------
-
-def tiny_classifier(height: int = 28, width: int = 28, channels: int = 1, classes: int = 10,
-                    seed: int = 0) -> onnx.ModelProto:
-    """image [N,H,W,C] raw pixels -> /255 -> flatten -> dense -> softmax: the real exports' interface, tiny."""
-    rng = np.random.default_rng(seed)
-    features = height * width * channels
-    graph = helper.make_graph(
-        [helper.make_node("Div", ["image", "scale"], ["scaled"]),
-         helper.make_node("Reshape", ["scaled", "flat_shape"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", height, width, channels])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
-        initializer=[numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
-                     numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
-                     numpy_helper.from_array(rng.normal(0, 0.05, (features, classes)).astype(np.float32),
-                                             "weights")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def write_tiny_version(root: Path, name: str, version: int, seed: int = 0) -> Path:
-    """A tiny 28x28 grayscale digit model version with its metadata.json."""
-    directory = root / name / str(version)
-    directory.mkdir(parents=True)
-    onnx.save(tiny_classifier(seed=seed), directory / "model.onnx")
-    metadata = {"name": name, "version": version, "labels": DIGITS, "digit": True,
-                "input": {"name": "image", "datatype": "FP32", "shape": [-1, 28, 28, 1]}}
-    (directory / "metadata.json").write_text(json.dumps(metadata))
-    return directory
-
 
 def copy_bundled_mnist(root: Path) -> Path:
     """Copy the trained models/mnist (config, labels, each version's model.onnx and metadata.json) under root."""
@@ -98,13 +62,13 @@ def mnist_version_files() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def write_tiny():
     """``write_tiny(root, name, version, seed=0)`` writes a tiny digit model version."""
-    return write_tiny_version
+    return write_digit_version
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx():
     """``tiny_onnx(seed=0)``: the tiny model as an onnx.ModelProto, to alter before saving."""
-    return tiny_classifier
+    return functools.partial(tiny_classifier, 28, 28, 1)
 
 
 @pytest.fixture()
@@ -130,88 +94,15 @@ def cifar_jpegs() -> list[bytes]:
 
 # --- Real servers ------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m service`` on a loopback port, as deployed: one process, uvicorn, no worker pool."""
-
-    def __init__(self, models_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.models_dir = models_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"convserve-{self.port}.log"
-        self.log = open(self.log_path, "w+")
-        command = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--host", "127.0.0.1",
-                   "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "CONVSERVE_INFERENCE_THREADS": "1", "CONVSERVE_ACCESS_LOG": "false",
-                 "CONVSERVE_REPOSITORY_POLL_SECONDS": "0", **(env or {})})
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not become ready: {self.output()}")
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process (VmRSS)."""
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=10).text
-
-    def metric(self, series: str) -> float:
-        """The value of one series of /metrics, e.g. ``convserve_inflight_requests{model="mnist",version="1"}``;
-        0 for a labelled series nobody has touched yet."""
-        match = re.search(rf"^{re.escape(series)} ([0-9.e+-]+)$", self.metrics(), re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.log.close()
-
-
 @pytest.fixture(scope="session")
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServiceProcess]]:
     """``start_server(models_dir, **env)``: a real server process, once ready; all stopped at the session's end
     (stop one earlier with ``.stop()``)."""
-    started: list[ServerProcess] = []
+    started: list[ServiceProcess] = []
     log_dir = tmp_path_factory.mktemp("server-logs")
 
-    def start(models_dir: Path, **env: str) -> ServerProcess:
-        running = ServerProcess(models_dir, log_dir, env)
+    def start(models_dir: Path, **env: str) -> ServiceProcess:
+        running = ServiceProcess(models_dir, log_dir, {**SERVER_ENV, **env}, timeout=90)
         started.append(running)
         return running
 
@@ -225,12 +116,12 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The main server's models directory: a copy of the bundled mnist, and a tiny model ``tiny``."""
     root = tmp_path_factory.mktemp("reliability") / "models"
     copy_bundled_mnist(root)
-    write_tiny_version(root, "tiny", 1, seed=1)
+    write_digit_version(root, "tiny", 1, seed=1)
     return root
 
 
 @pytest.fixture(scope="session")
-def server(start_server, models_root: Path) -> ServerProcess:
+def server(start_server, models_root: Path) -> ServiceProcess:
     """The main server (admin API off, default queue and deadline), with a small body limit and row limit so
     that over-limit requests are cheap to make."""
     return start_server(models_root, CONVSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
@@ -238,7 +129,7 @@ def server(start_server, models_root: Path) -> ServerProcess:
 
 
 @pytest.fixture()
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
+def http(server: ServiceProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as client:
         yield client
 
@@ -246,12 +137,12 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
 # --- The checks every case ends with -----------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def assert_still_serving(digits) -> Callable[[ServerProcess], None]:
+def assert_still_serving(digits) -> Callable[[ServiceProcess], None]:
     """``assert_still_serving(server)``: the server answers a normal upload of a real MNIST digit (a different
     one each time) with the digit's label, and is ready."""
     cycle = itertools.cycle(digits)
 
-    def check(running: ServerProcess) -> None:
+    def check(running: ServiceProcess) -> None:
         png, label = next(cycle)
         assert running.alive(), running.output()[-4000:]
         response = httpx.post(f"{running.url}/models/mnist/predict", files={"file": ("digit.png", png, "image/png")},

@@ -130,7 +130,7 @@ def test_recipe_to_dict_is_json_friendly():
     data = RECIPES["cifar10"].to_dict()
     assert data["input_shape"] == [32, 32, 3]
     assert data["labels"][0] == "airplane"
-    assert data["augmentation"] == {"pad_crop": 4, "horizontal_flip": True, "rotation_degrees": 0.0}
+    assert data["augmentation"] == {"pad_crop": 4, "horizontal_flip": True, "rotation_degrees": 0.0, "cutout": 0}
 
 
 # --- learning_rate_at ---------------------------------------------------------------------------

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import numpy as np
 import pytest
+
+from tests.support.server import ServiceProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_MODELS = REPO_ROOT / "models"
@@ -21,7 +16,6 @@ TEST_DATA = REPO_ROOT / "tests" / "data"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("CHROMIUM_BINARY", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BINARY", "/usr/bin/chromedriver")
-CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 WAIT_SECONDS = 15
 
 
@@ -34,35 +28,10 @@ def _has_version(model_dir: Path) -> bool:
 
 def _write_tiny_rgb_model(root: Path, name: str) -> None:
     """A 32x32 RGB classifier with the CIFAR-10 labels (/255 -> dense -> softmax), like the real exports."""
-    onnx = pytest.importorskip("onnx", reason="building a tiny RGB model needs the onnx package")
-    from onnx import TensorProto, helper, numpy_helper
+    pytest.importorskip("onnx", reason="building a tiny RGB model needs the onnx package")
+    from tests.support.models import CIFAR10_LABELS, write_version
 
-    rng = np.random.default_rng(7)
-    features, classes = 32 * 32 * 3, len(CIFAR_LABELS)
-    graph = helper.make_graph(
-        [helper.make_node("Div", ["image", "scale"], ["scaled"]),
-         helper.make_node("Reshape", ["scaled", "flat_shape"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], ["logits_raw"]),
-         helper.make_node("Add", ["logits_raw", "bias"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "tiny_rgb",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 32, 32, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
-        initializer=[
-            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
-            numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
-            numpy_helper.from_array(rng.normal(0, 0.05, (features, classes)).astype(np.float32), "weights"),
-            numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "bias"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    directory = root / name / "1"
-    directory.mkdir(parents=True)
-    onnx.save(model, directory / "model.onnx")
-    metadata = {"name": name, "version": 1, "labels": CIFAR_LABELS, "digit": False,
-                "input": {"name": "image", "datatype": "FP32", "shape": [-1, 32, 32, 3]}}
-    (directory / "metadata.json").write_text(json.dumps(metadata))
+    write_version(root, name, 1, (32, 32, 3), CIFAR10_LABELS, digit=False, seed=7)
 
 
 class WebModels:
@@ -93,55 +62,10 @@ def web_models(tmp_path_factory: pytest.TempPathFactory) -> WebModels:
     return WebModels(root, "mnist", "tiny-cifar")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class WebServer:
-    """``python -m service`` on a loopback port, like a user runs it."""
-
-    def __init__(self, models_dir: Path, log_dir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / f"convserve-web-{self.port}.log", "w+")
-        command = [sys.executable, "-m", "service", "--models-dir", str(models_dir),
-                   "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "CONVSERVE_INFERENCE_THREADS": "1"})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not become ready: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="session")
-def web_server(web_models: WebModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
-    running = WebServer(web_models.root, tmp_path_factory.mktemp("web-server-log"))
+def web_server(web_models: WebModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """``python -m service`` on a loopback port, like a user runs it."""
+    running = ServiceProcess(web_models.root, tmp_path_factory.mktemp("web-server-log"))
     try:
         yield running
     finally:
@@ -273,7 +197,7 @@ class WebPage:
 
 
 @pytest.fixture()
-def page(chrome, web_server: WebServer) -> WebPage:
+def page(chrome, web_server: ServiceProcess) -> WebPage:
     """The page freshly loaded from the real server."""
     return WebPage(chrome, web_server.url)
 
