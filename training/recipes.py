@@ -153,7 +153,7 @@ RECIPES: dict[str, Recipe] = {
         input_shape=(28, 28, 1),
         labels=FASHION_LABELS,
         digit=False,
-        epochs=50,
+        epochs=40,
         batch_size=128,
         optimizer="adam",
         learning_rate=2e-3,
@@ -162,7 +162,7 @@ RECIPES: dict[str, Recipe] = {
         schedule="cosine",
         label_smoothing=0.1,
         validation_size=5000,
-        augmentation=Augmentation(pad_crop=2, horizontal_flip=True, cutout=8),
+        augmentation=Augmentation(pad_crop=2, horizontal_flip=True),
     ),
     "cifar10": Recipe(
         name="cifar10",
