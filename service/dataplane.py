@@ -113,14 +113,8 @@ class DataPlane:
                 m.predicted(class_id, mv.label(class_id), confidence)
         return Prediction(mv, outputs)
 
-    async def infer_tensor(self, name: str, version: str | None, rows: np.ndarray) -> Prediction:
-        mv = self.version(name, version)
-        return await self.infer(mv, self.check_rows(mv, rows))
-
-    async def infer_images(self, name: str, version: str | None, images: list[bytes],
-                           gone: Gone | None = None) -> Prediction:
+    async def infer_images(self, mv: ModelVersion, images: list[bytes], gone: Gone | None = None) -> Prediction:
         """Infer on encoded images as one request; they are decoded on the model's inference thread."""
-        mv = self.version(name, version)
         if not images:
             raise InvalidInput("no images in the request")
         if len(images) > self.settings.max_images_per_request:

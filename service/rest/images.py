@@ -87,11 +87,11 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
-    dataplane.admit(dataplane.version(name, version))  # 404, 503 before reading a large body
+    mv = dataplane.version(name, version)
+    dataplane.admit(mv)  # 404, 503 before reading a large body
     images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
     k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
-    result = await dataplane.infer_images(name, version, images, disconnect_probe(request))
-    mv = result.model
+    result = await dataplane.infer_images(mv, images, disconnect_probe(request))
     return json_response({"model": mv.name, "version": mv.version, "predictions": top_k(mv, result.outputs, k)})
 
 

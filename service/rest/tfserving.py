@@ -113,9 +113,9 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
     result: Prediction
     if isinstance(values, list) and values and all(_is_b64(v) for v in values):
         images = [_b64(v, f"instance {i}") for i, v in enumerate(values)]
-        result = await dataplane.infer_images(name, version, images, gone)
+        result = await dataplane.infer_images(mv, images, gone)
     elif _is_b64(values):
-        result = await dataplane.infer_images(name, version, [_b64(values, "inputs")], gone)
+        result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone)
     else:
         rows = dataplane.check_rows(mv, _tensor(values, "instances" if row_format else "inputs"))
         result = await dataplane.infer(mv, rows, gone)
