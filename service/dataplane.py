@@ -28,12 +28,16 @@ class Prediction:
     outputs: np.ndarray
 
 
+def ranked_classes(probabilities: np.ndarray, k: int) -> list[list[int]]:
+    """Per row, the ids of the k most probable classes, most probable first (ties by class id)."""
+    k = max(1, min(k, probabilities.shape[1]))
+    return np.argsort(-probabilities, axis=1, kind="stable")[:, :k].tolist()
+
+
 def top_k(mv: ModelVersion, probabilities: np.ndarray, k: int) -> list[dict[str, object]]:
     """Per row: the winning class and the k most probable classes, in input order."""
-    k = max(1, min(k, probabilities.shape[1]))
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     results = []
-    for row, classes in zip(probabilities.tolist(), order.tolist()):
+    for row, classes in zip(probabilities.tolist(), ranked_classes(probabilities, k)):
         ranked = [{"class_id": c, "label": mv.label(c), "score": row[c]} for c in classes]
         results.append({**ranked[0], "top_k": ranked})
     return results

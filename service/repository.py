@@ -222,7 +222,7 @@ class ModelRepository:
         self._models: dict[str, Model] = {}
         self._failed: dict[tuple[str, int], tuple[tuple[str, int, int], ...]] = {}
         self._unloaded: set[str] = set()  # unloaded through the API: the poller leaves them alone
-        self._lock: asyncio.Lock | None = None
+        self._lock = asyncio.Lock()  # one refresh or unload at a time
 
     # Discovery ---------------------------------------------------------------------------------
 
@@ -261,8 +261,6 @@ class ModelRepository:
 
         ``only`` limits the work to one model (the repository API's load).
         """
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             on_disk = await asyncio.to_thread(self.discover)
             for name, versions in on_disk.items():
@@ -351,8 +349,6 @@ class ModelRepository:
         if name not in self._models:
             raise ModelNotFound(f"model {name!r} is not loaded")
         self._unloaded.add(name)
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             await self._drop(name)
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import __version__
-from service.dataplane import DataPlane
+from service.dataplane import DataPlane, ranked_classes
 from service.errors import InvalidInput, ModelNotReady
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
@@ -141,11 +141,9 @@ def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[
 # --- Encoding responses ------------------------------------------------------------------------
 
 def _classification(mv: ModelVersion, probabilities: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, probabilities.shape[1])
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     rows = [[f"{p[c]:f}:{c}:{mv.label(c)}" for c in classes]
-            for p, classes in zip(probabilities.tolist(), order.tolist())]
-    return np.array(rows, dtype=object).reshape(len(rows), k)
+            for p, classes in zip(probabilities.tolist(), ranked_classes(probabilities, k))]
+    return np.array(rows, dtype=object).reshape(len(rows), len(rows[0]) if rows else 0)
 
 
 def _bytes_tensor(values: np.ndarray) -> bytes:
