@@ -185,7 +185,7 @@ def export_version(model: Any, recipe: Recipe, ds: Dataset, models_dir: Path, *,
         history = history or {}
         training = {
             "epochs_run": len(history.get("loss", [])),
-            "best_val_accuracy": max(history.get("val_accuracy", [0.0]) or [0.0]),
+            "best_val_accuracy": max(history["val_accuracy"]) if history.get("val_accuracy") else None,
             "wall_seconds": 0.0,
             "strategy": "default",
             **(training or {}),

@@ -54,17 +54,28 @@ class Recipe:
     weight_decay: float = 0.0
     warmup_epochs: int = 0
     schedule: str = "cosine"  # "cosine" or "constant"
+    restarts: tuple[int, ...] = ()
+    """Epochs at which the cosine schedule starts a new cycle (warm restarts, SGDR)."""
+    restart_decay: float = 1.0
+    """Each cycle peaks at this fraction of the previous cycle's peak."""
     label_smoothing: float = 0.0
     ema_momentum: float = 0.0  # >0: evaluate, keep and export an exponential moving average of the weights
     validation_size: int = 5000
+    """Images carved from the training set for validation; 0 trains on all of them and keeps the
+    last epoch's weights."""
     early_stopping_patience: int = 0  # 0: train every epoch, keep the best on validation
     augmentation: Augmentation = field(default_factory=Augmentation)
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.early_stopping_patience and self.validation_size <= 0:
+            raise ValueError(f"recipe {self.name!r}: early stopping needs a validation split (validation_size > 0)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input_shape"] = list(self.input_shape)
         data["labels"] = list(self.labels)
+        data["restarts"] = list(self.restarts)
         return data
 
 
@@ -161,7 +172,8 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=1,
         schedule="cosine",
         label_smoothing=0.1,
-        validation_size=5000,
+        # Settled on a 5,000-image validation split (v1: 92.97% test); trained on all 60,000.
+        validation_size=0,
         augmentation=Augmentation(pad_crop=2, horizontal_flip=True),
     ),
     "cifar10": Recipe(
@@ -171,13 +183,15 @@ RECIPES: dict[str, Recipe] = {
         input_shape=(32, 32, 3),
         labels=CIFAR10_LABELS,
         digit=False,
-        epochs=45,
+        epochs=75,
         batch_size=128,
         optimizer="sgd",
         learning_rate=0.05,
         weight_decay=5e-4,
         warmup_epochs=2,
         schedule="cosine",
+        restarts=(35,),
+        restart_decay=0.5,
         label_smoothing=0.1,
         validation_size=5000,
         augmentation=Augmentation(pad_crop=4, horizontal_flip=True, rotation_degrees=0.0),

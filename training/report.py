@@ -52,6 +52,10 @@ def plot_learning_curves(history: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def write_report(directory: Path, metadata: dict[str, Any], metrics: dict[str, Any],
                  history: dict[str, list[float]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,12 @@ def write_report(directory: Path, metadata: dict[str, Any], metrics: dict[str, A
         for name, m in metrics["per_class"].items()
     )
     recipe_rows = "\n".join(f"| {k} | {v} |" for k, v in recipe.items() if k != "labels")
+    if recipe.get("validation_size", 0) > 0:
+        kept = ("The kept weights are those of the epoch with the best accuracy on the validation split\n"
+                "carved from the training set.")
+    else:
+        kept = ("The recipe trains on the whole training set (no validation split), so the kept weights\n"
+                "are those of the last epoch of its fixed schedule; no epoch was chosen by a score.")
     text = f"""# {metadata['name']} version {metadata['version']}
 
 Scored from the exported `model.onnx` on the untouched test set ({metrics['examples']} images).
@@ -77,7 +87,7 @@ Scored from the exported `model.onnx` on the untouched test set ({metrics['examp
 | test loss (cross-entropy) | {metrics['loss']:.4f} |
 | epochs run | {training['epochs_run']} |
 | training wall time | {training['wall_seconds']:.0f} s |
-| best validation accuracy | {training.get('best_val_accuracy') or float('nan'):.4f} |
+| best validation accuracy | {_fraction(training.get('best_val_accuracy'))} |
 | distribution strategy | {training['strategy']} |
 | data | {json.dumps(metadata['data'])} |
 
@@ -98,7 +108,6 @@ Scored from the exported `model.onnx` on the untouched test set ({metrics['examp
 {recipe_rows}
 
 Augmentation runs in the tf.data input pipeline only; the exported graph takes raw 0..255
-pixels and rescales them itself. The kept weights are those of the epoch with the best
-accuracy on the validation split carved from the training set.
+pixels and rescales them itself. {kept}
 """
     (directory / "report.md").write_text(text)

@@ -49,8 +49,13 @@ def get_strategy() -> Any:
 Split = tuple[np.ndarray, np.ndarray]
 
 
-def split_validation(ds: Dataset, size: int, seed: int) -> tuple[Split, Split]:
-    """Carve a validation split out of the training set (the test set stays untouched)."""
+def split_validation(ds: Dataset, size: int, seed: int) -> tuple[Split, Split | None]:
+    """Carve a validation split out of the training set (the test set stays untouched).
+
+    ``size`` 0 keeps the whole training set for training and returns no validation split.
+    """
+    if size <= 0:
+        return (ds.x_train, ds.y_train), None
     order = np.random.default_rng(seed).permutation(len(ds.x_train))
     size = min(size, len(order) // 5)
     val, train = order[:size], order[size:]
@@ -99,8 +104,9 @@ def _cutout(image: Any, size: int) -> Any:
     return image * tf.cast(~inside, image.dtype)[..., None]
 
 
-def make_datasets(recipe: Recipe, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+def make_datasets(recipe: Recipe, train: Split, val: Split | None,
                   max_steps: int | None = None) -> tuple[Any, Any]:
+    """The shuffled, augmented training dataset and the validation dataset (None without one)."""
     import tensorflow as tf
 
     n_classes = len(recipe.labels)
@@ -117,21 +123,36 @@ def make_datasets(recipe: Recipe, train: tuple[np.ndarray, np.ndarray], val: tup
     )
     if max_steps:
         train_ds = train_ds.take(max_steps)
-    val_ds = tf.data.Dataset.from_tensor_slices(val).map(one_hot).batch(256)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return train_ds.prefetch(tf.data.AUTOTUNE).with_options(options), val_ds.prefetch(2).with_options(options)
+    train_ds = train_ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    if val is None:
+        return train_ds, None
+    val_ds = tf.data.Dataset.from_tensor_slices(val).map(one_hot).batch(256)
+    return train_ds, val_ds.prefetch(2).with_options(options)
 
 
 def learning_rate_at(recipe: Recipe, epoch: int) -> float:
-    """Linear warm-up, then cosine decay to zero (or constant), evaluated per epoch."""
+    """Linear warm-up, then cosine decay to zero (or constant), evaluated per epoch.
+
+    With ``recipe.restarts`` the cosine restarts at each listed epoch (a warm restart),
+    peaking at ``restart_decay`` times the previous peak and decaying to zero by the next
+    restart or the last epoch.
+    """
     base = recipe.learning_rate
     if epoch < recipe.warmup_epochs:
         return base * (epoch + 1) / (recipe.warmup_epochs + 1)
     if recipe.schedule == "constant":
         return base
-    span = max(1, recipe.epochs - recipe.warmup_epochs)
-    progress = (epoch - recipe.warmup_epochs) / span
+    start, end = recipe.warmup_epochs, recipe.epochs
+    for restart in sorted(recipe.restarts):
+        if restart > epoch:
+            end = restart
+            break
+        if restart > start:
+            start, base = restart, base * recipe.restart_decay
+    span = max(1, end - start)
+    progress = (epoch - start) / span
     return 0.5 * base * (1 + math.cos(math.pi * progress))
 
 
@@ -152,6 +173,9 @@ def make_optimizer(recipe: Recipe) -> Any:
 def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = None,
           max_steps: int | None = None, resume: Path | None = None, verbose: int = 2) -> TrainResult:
     """Train a recipe on a dataset; returns the best-on-validation model.
+
+    A recipe with ``validation_size`` 0 trains on the whole training set and returns the
+    weights of the last epoch (the schedule, not a validation score, decides when to stop).
 
     ``resume`` is an earlier run directory: training continues from its ``last.keras`` at
     the epoch after the last completed one.
@@ -205,17 +229,19 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
             }))
 
     started = time.monotonic()
-    # on resume, only an epoch beating the best so far may replace best.keras
-    best_so_far = max(history["val_accuracy"]) if history.get("val_accuracy") else None
     callbacks: list[Any] = [
         keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(recipe, epoch)),
-        keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor="val_accuracy",
-                                        save_best_only=True, mode="max", initial_value_threshold=best_so_far),
         keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False),
         Persist(),
     ]
+    if val_ds is not None:
+        # on resume, only an epoch beating the best so far may replace best.keras
+        best_so_far = max(history["val_accuracy"]) if history.get("val_accuracy") else None
+        callbacks.insert(1, keras.callbacks.ModelCheckpoint(
+            run_dir / "best.keras", monitor="val_accuracy", save_best_only=True, mode="max",
+            initial_value_threshold=best_so_far))
     if recipe.ema_momentum:
-        # Validation, checkpoints and the exported model all use the averaged weights.
+        # Validation, checkpoints and the saved model all use the averaged weights.
         callbacks.insert(1, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if recipe.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
@@ -227,7 +253,9 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
     wall = previous_wall + time.monotonic() - started
 
     best_path = run_dir / "best.keras"
-    if best_path.exists():
+    if val_ds is None:
+        model = keras.saving.load_model(run_dir / "last.keras")  # the EMA weights when averaging
+    elif best_path.exists():
         model = keras.saving.load_model(best_path)
     return TrainResult(model=model, history=history, run_dir=run_dir,
                        epochs_run=len(history.get("loss", [])), wall_seconds=wall,
