@@ -168,6 +168,39 @@ def test_learning_rate_constant_schedule_keeps_the_base_rate_after_warmup():
     assert learning_rate_at(recipe, 0) < recipe.learning_rate
 
 
+def test_learning_rate_warm_restart_starts_a_new_cosine_cycle_at_a_decayed_peak():
+    recipe = replace(RECIPES["mnist"], epochs=30, warmup_epochs=0, restarts=(10,), restart_decay=0.5)
+    first = [learning_rate_at(recipe, e) for e in range(10)]
+    second = [learning_rate_at(recipe, e) for e in range(10, 30)]
+    assert first[0] == pytest.approx(recipe.learning_rate)
+    assert first[5] == pytest.approx(0.5 * recipe.learning_rate)  # halfway down the first 10-epoch cycle
+    assert second[0] == pytest.approx(0.5 * recipe.learning_rate)  # the restart, at half the first peak
+    assert second[10] == pytest.approx(0.25 * recipe.learning_rate)  # halfway down the 20-epoch cycle
+    assert all(a > b for a, b in zip(first, first[1:]))
+    assert all(a > b for a, b in zip(second, second[1:]))
+    assert learning_rate_at(recipe, 30) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_learning_rate_restarts_compound_their_decay_and_ignore_warmup_epochs():
+    recipe = replace(RECIPES["mnist"], epochs=30, warmup_epochs=2, restarts=(20, 1, 10), restart_decay=0.5)
+    assert learning_rate_at(recipe, 2) == pytest.approx(recipe.learning_rate)  # a restart inside warm-up is moot
+    assert learning_rate_at(recipe, 10) == pytest.approx(0.5 * recipe.learning_rate)
+    assert learning_rate_at(recipe, 20) == pytest.approx(0.25 * recipe.learning_rate)
+
+
+def test_cifar10_recipe_restarts_once_at_half_the_rate():
+    recipe = RECIPES["cifar10"]
+    restart = recipe.restarts[0]
+    assert learning_rate_at(recipe, restart - 1) < 0.01 * recipe.learning_rate
+    assert learning_rate_at(recipe, restart) == pytest.approx(recipe.restart_decay * recipe.learning_rate)
+    assert recipe.to_dict()["restarts"] == [restart]
+
+
+def test_early_stopping_without_a_validation_split_is_refused():
+    with pytest.raises(ValueError, match="early stopping needs a validation split"):
+        replace(RECIPES["mnist"], validation_size=0, early_stopping_patience=3)
+
+
 def test_learning_rate_never_negative_or_nan():
     for recipe in RECIPES.values():
         for epoch in range(recipe.epochs + 1):

@@ -10,8 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ from training.data import Dataset, load_dataset
 from training.evaluate import onnx_session, predict_onnx
 from training.export import ExportError, export_version
 from training.recipes import MNIST_LABELS, build_model, get_recipe
-from training.train import TrainResult, get_strategy, train
+from training.train import TrainResult, get_strategy, split_validation, train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 600  # train and test images in every smoke run
@@ -83,6 +85,32 @@ def test_smoke_training_records_one_epoch_of_history(trained):
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
         assert len(trained.history[key]) == 1, key
     assert json.loads((trained.run_dir / "history.json").read_text()) == trained.history
+
+
+def test_split_validation_carves_a_disjoint_seeded_split(mnist_small):
+    (x_train, _), val = split_validation(mnist_small, 100, seed=7)
+    assert val is not None and len(val[0]) == 100
+    assert len(x_train) + 100 == len(mnist_small.x_train)
+    (_, _), again = split_validation(mnist_small, 100, seed=7)
+    assert np.array_equal(val[0], again[0])
+
+
+def test_validation_size_0_trains_on_everything_and_keeps_the_last_epoch(mnist_small, tmp_path):
+    (x_train, _), val = split_validation(mnist_small, 0, seed=7)
+    assert val is None and len(x_train) == len(mnist_small.x_train)
+
+    recipe = replace(get_recipe("mnist"), validation_size=0)
+    result = train(recipe, mnist_small, tmp_path / "runs", epochs=1, max_steps=2, verbose=0)
+    assert not (result.run_dir / "best.keras").exists()
+    assert set(result.history) == {"loss", "accuracy", "learning_rate"}
+    last = keras.saving.load_model(result.run_dir / "last.keras")
+    for kept, saved in zip(result.model.get_weights(), last.get_weights()):
+        assert np.array_equal(kept, saved)
+
+    models = export_version(result.model, result.recipe, mnist_small, tmp_path / "models", history=result.history)
+    metadata = json.loads((models / "metadata.json").read_text())
+    assert metadata["training"]["best_val_accuracy"] is None
+    assert "| best validation accuracy | n/a |" in (models / "report" / "report.md").read_text()
 
 
 def test_get_strategy_is_the_default_strategy_without_tf_config(monkeypatch):
