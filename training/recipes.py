@@ -196,6 +196,24 @@ RECIPES: dict[str, Recipe] = {
         validation_size=5000,
         augmentation=Augmentation(pad_crop=4, horizontal_flip=True, rotation_degrees=0.0),
     ),
+    # The CIFAR-10 notebook's own training, kept as the baseline the cifar10 recipe is measured
+    # against: SGD at a constant 1e-3 with momentum, batch 64, shifts of about 10%, flips and
+    # rotations, no schedule, label smoothing or weight decay. Not bundled in models/.
+    "cifar10-notebook": Recipe(
+        name="cifar10-notebook",
+        dataset="cifar10",
+        architecture="cifar_cnn",
+        input_shape=(32, 32, 3),
+        labels=CIFAR10_LABELS,
+        digit=False,
+        epochs=30,
+        batch_size=64,
+        optimizer="sgd",
+        learning_rate=1e-3,
+        schedule="constant",
+        validation_size=5000,
+        augmentation=Augmentation(pad_crop=3, horizontal_flip=True, rotation_degrees=15.0),
+    ),
 }
 
 
