@@ -133,6 +133,24 @@ def replace_flags():
 
 # --- Real processes ----------------------------------------------------------------------------
 
+def prometheus_package_binary(name: str) -> str:
+    """The path of a binary from Debian's prometheus package, or a skip saying how to install it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (make system-deps installs the prometheus package)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return prometheus_package_binary("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    return prometheus_package_binary("prometheus")
+
+
 @pytest.fixture(scope="session")
 def get_free_port():
     return free_port

@@ -3,10 +3,8 @@ and every metric the dashboard and the rules use is one the service exports."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
-import pytest
 import yaml
 
 REQUIRED_PANELS_METRICS = {
@@ -20,14 +18,6 @@ REQUIRED_PANELS_METRICS = {
     "convserve_rejected_requests_total",
     "convserve_model_load_failures_total",
 }
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not installed (make system-deps installs the prometheus package)")
-    return path
 
 
 def run(*argv: str, cwd=None) -> subprocess.CompletedProcess:

@@ -18,14 +18,6 @@ import pytest
 import yaml
 
 
-@pytest.fixture(scope="module")
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.skip("the prometheus binary is not installed (make system-deps installs the prometheus package)")
-    return path
-
-
 class Prometheus:
     def __init__(self, binary: str, config: Path, data: Path, port: int, log: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"

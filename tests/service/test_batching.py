@@ -33,6 +33,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def blocked_batcher(config: BatchingConfig) -> tuple[RecordingModel, Batcher, asyncio.Future]:
+    """A started batcher whose model blocks on a first request until ``model.gate.set()``."""
+    model = RecordingModel()
+    model.gate.clear()
+    batcher = Batcher(model, config, "m")
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
+    await asyncio.sleep(0.02)
+    return model, batcher, first
+
+
 def test_concurrent_requests_are_batched_and_answered_in_order():
     async def scenario():
         model = RecordingModel()
@@ -94,12 +105,7 @@ def test_full_queue_is_refused_with_overloaded_and_retry_after():
 
 def test_request_past_its_deadline_is_not_executed():
     async def scenario():
-        model = RecordingModel()
-        model.gate.clear()
-        batcher = Batcher(model, BatchingConfig(max_batch_size=1, timeout_s=0.05), "m")
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
-        await asyncio.sleep(0.02)
+        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1, timeout_s=0.05))
         late = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
         await asyncio.sleep(0.1)  # the deadline passes while the first batch blocks
         model.gate.set()
@@ -115,12 +121,7 @@ def test_request_past_its_deadline_is_not_executed():
 
 def test_abandoned_requests_are_skipped():
     async def scenario():
-        model = RecordingModel()
-        model.gate.clear()
-        batcher = Batcher(model, BatchingConfig(max_batch_size=1), "m")
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
-        await asyncio.sleep(0.02)
+        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
         gone = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
         await asyncio.sleep(0)
         gone.cancel()  # the client disconnected
@@ -168,12 +169,7 @@ def test_requests_of_disconnected_clients_are_dropped_not_run():
     from service.errors import ClientDisconnected
 
     async def scenario():
-        model = RecordingModel()
-        model.gate.clear()
-        batcher = Batcher(model, BatchingConfig(max_batch_size=1), "m")
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
-        await asyncio.sleep(0.02)
+        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
         gone = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32), gone=lambda: True))
         await asyncio.sleep(0)
         model.gate.set()
