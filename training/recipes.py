@@ -183,17 +183,18 @@ RECIPES: dict[str, Recipe] = {
         input_shape=(32, 32, 3),
         labels=CIFAR10_LABELS,
         digit=False,
-        epochs=75,
+        # v3: one clean cosine cycle over 150 epochs on all 50,000 training images. v2 (75 epochs,
+        # 35 + a 40-epoch warm restart) ended with training accuracy (84.9%) level with validation
+        # (84.6%): the net was still under-fitted, so the budget grows and no regulariser is added.
+        epochs=150,
         batch_size=128,
         optimizer="sgd",
         learning_rate=0.05,
         weight_decay=5e-4,
         warmup_epochs=2,
         schedule="cosine",
-        restarts=(35,),
-        restart_decay=0.5,
         label_smoothing=0.1,
-        validation_size=5000,
+        validation_size=0,
         augmentation=Augmentation(pad_crop=4, horizontal_flip=True, rotation_degrees=0.0),
     ),
     # The CIFAR-10 notebook's own training, kept as the baseline the cifar10 recipe is measured

@@ -190,12 +190,13 @@ def test_learning_rate_restarts_compound_their_decay_and_ignore_warmup_epochs():
     assert learning_rate_at(recipe, 20) == pytest.approx(0.25 * recipe.learning_rate)
 
 
-def test_cifar10_recipe_restarts_once_at_half_the_rate():
+def test_cifar10_recipe_is_one_cosine_cycle_on_the_whole_training_set():
     recipe = RECIPES["cifar10"]
-    restart = recipe.restarts[0]
-    assert learning_rate_at(recipe, restart - 1) < 0.01 * recipe.learning_rate
-    assert learning_rate_at(recipe, restart) == pytest.approx(recipe.restart_decay * recipe.learning_rate)
-    assert recipe.to_dict()["restarts"] == [restart]
+    assert recipe.restarts == () and recipe.validation_size == 0
+    assert learning_rate_at(recipe, recipe.warmup_epochs) == pytest.approx(recipe.learning_rate)
+    halfway = recipe.warmup_epochs + (recipe.epochs - recipe.warmup_epochs) // 2
+    assert learning_rate_at(recipe, halfway) == pytest.approx(0.5 * recipe.learning_rate)
+    assert learning_rate_at(recipe, recipe.epochs - 1) < 0.001 * recipe.learning_rate
 
 
 def test_early_stopping_without_a_validation_split_is_refused():
