@@ -31,7 +31,6 @@ from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
 from service.rest import images, tfserving, v2, web
 from service.rest import repository as repository_api
-from service.rest.fastpath import FastPathMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("service.app")
@@ -63,7 +62,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         app.state.ready = True
         log.info("models loaded", extra={
             "seconds": round(time.perf_counter() - started, 3),
-            "models": {m.name: [v.status() for v in m.versions.values()] for m in repository.models()},
+            "models": {m.name: [s.to_dict() for s in m.statuses()] for m in repository.models()},
         })
         poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
         try:
@@ -100,9 +99,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
-    app.add_middleware(FastPathMiddleware, fastapi_app=app, routers=[images.router, v2.router, tfserving.router],
-                       endpoints=[
-        images.predict, images.predict_version, v2.infer, v2.infer_version, tfserving.predict,
-        tfserving.predict_version])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app

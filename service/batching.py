@@ -33,6 +33,8 @@ from service.errors import (
 
 Prepare = Callable[[], np.ndarray]
 Gone = Callable[[], bool]  # True once the client has disconnected
+Outputs = dict[str, np.ndarray]  # a model's outputs by name, each [rows, ...]
+Predict = Callable[[np.ndarray], Outputs]
 log = logging.getLogger("service.batching")
 
 
@@ -53,7 +55,7 @@ class _Item:
     n: int
     rows: np.ndarray | None
     prepare: Prepare | None
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Outputs]
     enqueued: float
     deadline: float
     gone: Gone | None
@@ -61,7 +63,7 @@ class _Item:
 
 @dataclass
 class _Executed:
-    outputs: np.ndarray | None
+    outputs: Outputs | None
     failures: dict[int, ServingError]
     rows: int
     compute_seconds: float
@@ -70,7 +72,7 @@ class _Executed:
 class Batcher:
     """Queues requests for one runtime and executes them in batches on a dedicated thread."""
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], config: BatchingConfig, name: str,
+    def __init__(self, predict: Predict, config: BatchingConfig, name: str,
                  on_batch: Callable[[int, list[float], float], None] | None = None) -> None:
         self._predict = predict
         self.config = config
@@ -82,7 +84,9 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._busy = False
+        self._running: list[_Item] = []  # the batch being executed, failed too if the worker dies
+        self._idle = asyncio.Event()  # set whenever nothing is queued or running (close() waits on it)
+        self._idle.set()
 
     @property
     def queued_rows(self) -> int:
@@ -91,22 +95,42 @@ class Batcher:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self._name}")
+            self._task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        """The worker task ended: if it died, nobody would ever answer the queue, so fail it now."""
+        if task.cancelled():
+            error: ServingError = ModelNotReady(f"model {self._name} is unloading")
+        else:
+            exc = task.exception()
+            if exc is None:
+                return
+            log.error("batching worker died", exc_info=exc, extra={"model": self._name})
+            error = InferenceFailed(f"the batching worker of {self._name} failed ({exc.__class__.__name__})")
+        self._closed = True
+        for item in [*self._running, *self._queue]:
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._queue.clear()
+        self._running = []
+        self._queued_rows = 0
+        self._idle.set()
 
     def check_capacity(self) -> None:
         """Refuse at once when the queue is full: before a request's body is even read."""
         if self._queued_rows >= self.config.max_queue_size:
             raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later")
 
-    async def submit(self, rows: np.ndarray, gone: Gone | None = None) -> np.ndarray:
+    async def submit(self, rows: np.ndarray, gone: Gone | None = None) -> Outputs:
         """Queue ``rows`` (a batch of one or more inputs) and wait for their outputs."""
         return await self._enqueue(len(rows), rows, None, gone)
 
-    async def submit_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> np.ndarray:
+    async def submit_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> Outputs:
         """Queue a request of ``n`` rows that ``prepare()`` makes on the inference thread."""
         return await self._enqueue(n, None, prepare, gone)
 
     async def _enqueue(self, n: int, rows: np.ndarray | None, prepare: Prepare | None,
-                       gone: Gone | None) -> np.ndarray:
+                       gone: Gone | None) -> Outputs:
         if self._closed:
             raise ModelNotReady(f"model {self._name} is unloading")
         if self._queued_rows + n > self.config.max_queue_size and self._queued_rows:
@@ -116,6 +140,7 @@ class Batcher:
                      now + self.config.timeout_s, gone)
         self._queue.append(item)
         self._queued_rows += n
+        self._idle.clear()
         self._wakeup.set()
         return await item.future
 
@@ -125,6 +150,7 @@ class Batcher:
         delay = self.config.max_queue_delay_us / 1e6
         while True:
             if not self._queue:
+                self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if delay and self._queued_rows < max_rows:
@@ -133,18 +159,20 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
-            self._busy = True
+            self._running = batch
             try:
                 result = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:  # a runtime failure fails this batch only
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(InferenceFailed(f"inference failed: {exc.__class__.__name__}"))
+                self._running = []
                 continue
-            finally:
-                self._busy = False
             if self._on_batch is not None and result.rows:
-                self._on_batch(result.rows, [started - i.enqueued for i in batch], result.compute_seconds)
+                try:
+                    self._on_batch(result.rows, [started - i.enqueued for i in batch], result.compute_seconds)
+                except Exception:  # metrics must never cost a client its answer
+                    log.exception("batch hook failed", extra={"model": self._name})
             offset = 0
             for index, item in enumerate(batch):
                 failure = result.failures.get(index)
@@ -152,9 +180,11 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(failure)
                     continue
-                if not item.future.done():
-                    item.future.set_result(result.outputs[offset:offset + item.n])  # type: ignore[index]
+                if not item.future.done() and result.outputs is not None:
+                    item.future.set_result({name: array[offset:offset + item.n]
+                                            for name, array in result.outputs.items()})
                 offset += item.n
+            self._running = []
 
     def _execute(self, batch: list[_Item]) -> _Executed:
         """On the inference thread: prepare what needs it, then run the rows as one batch."""
@@ -188,11 +218,12 @@ class Batcher:
             item = self._queue[0]
             if batch and rows + item.n > max_rows:
                 break
+            gone = item.gone is not None and item.gone()  # asked while queued, so a failing probe fails it too
             self._queue.popleft()
             self._queued_rows -= item.n
             if item.future.done():  # the caller was cancelled
                 continue
-            if item.gone is not None and item.gone():  # the client disconnected: nobody reads the answer
+            if gone:  # the client disconnected: nobody reads the answer
                 item.future.set_exception(ClientDisconnected("client disconnected before the request ran"))
                 continue
             if now > item.deadline:
@@ -206,12 +237,14 @@ class Batcher:
     async def close(self) -> None:
         """Stop taking work, let queued and running requests finish, then stop the thread."""
         self._closed = True
-        while self._queue or self._busy:
-            await asyncio.sleep(0.005)
+        if self._task is not None and not self._task.done():
+            await self._idle.wait()
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
+                pass
+            except Exception:  # the worker died earlier; _worker_done logged it and failed its requests
                 pass
         self._executor.shutdown(wait=True)

@@ -1,31 +1,45 @@
-"""The one handler every protocol goes through: model lookup, validation, timing, metrics, inference.
+"""The one handler every protocol goes through: lookup, admission, validation, metrics, inference,
+and the metadata and readiness the protocols report.
 
-Routes (image uploads, KServe v2, TF Serving REST) only translate HTTP into calls here and
-results back into their wire format.
+Routes (image uploads, KServe v2, TF Serving REST, and any later protocol) only translate their
+wire format into calls here and results back. An inference request is admitted once::
+
+    async with dataplane.admitted(name, version) as mv:   # 404/503 before the body is read
+        body = ...                                        # the protocol reads and parses it
+        prediction = await dataplane.infer(mv, rows, gone)
+
+and the version it was admitted to stays loaded until the block ends.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from service.batching import Gone
+from service.batching import Gone, Outputs
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded, ServingError
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits, preprocess
-from service.repository import ModelRepository, ModelVersion
+from service.repository import Model, ModelRepository, ModelVersion, VersionStatus
 from service.settings import Settings
 
 
 @dataclass
 class Prediction:
-    """The outcome of one inference request: the version that ran it and its probabilities."""
+    """The outcome of one inference request: the version that ran it and every output by name."""
 
     model: ModelVersion
-    outputs: np.ndarray
+    outputs: Outputs
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """The class-probabilities output [N, classes]."""
+        return self.outputs[self.model.output.name]
 
 
 def ranked_classes(probabilities: np.ndarray, k: int) -> list[list[int]]:
@@ -50,8 +64,64 @@ class DataPlane:
         self.settings = settings
         self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
 
+    # Lookup, metadata and readiness -----------------------------------------------------------
+
     def version(self, name: str, version: str | None = None) -> ModelVersion:
+        """The version a request names (or the newest ready one): 404 or 503 otherwise."""
         return self.repository.get(name, version)
+
+    def model(self, name: str) -> Model:
+        return self.repository.model(name)
+
+    def models(self) -> list[Model]:
+        return self.repository.models()
+
+    def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Open Inference Protocol model metadata: name, versions, platform, inputs and outputs."""
+        mv = self.version(name, version)
+        versions = [mv.version] if version else [v.version for v in self.model(name).ready_versions()]
+        return {"name": mv.name, "versions": [str(v) for v in versions], "platform": mv.runtime.platform,
+                "inputs": [s.to_dict() for s in mv.runtime.inputs],
+                "outputs": [s.to_dict() for s in mv.runtime.outputs]}
+
+    def version_statuses(self, name: str, version: str | None = None) -> list[VersionStatus]:
+        """The state of every known version of a model (newest first), or of the one named (404 if unknown)."""
+        model = self.model(name)
+        if version is None:
+            return list(reversed(model.statuses()))
+        statuses = [s for s in model.statuses() if str(s.version) == version]
+        if not statuses:
+            self.version(name, version)  # raises the 404 with its message
+        return statuses
+
+    def model_ready(self, name: str, version: str | None = None) -> tuple[bool, VersionStatus | None]:
+        """Whether a model (or one version) serves, and the version's status when one is named."""
+        model = self.model(name)
+        if version is None:
+            return model.serving is not None, None
+        status = self.version_statuses(name, version)[0]
+        return status.state == "READY", status
+
+    def ready(self) -> bool:
+        return self.repository.ready()
+
+    # Inference ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def admitted(self, name: str, version: str | None = None) -> AsyncIterator[ModelVersion]:
+        """Look the version up and admit a request to it before its body is read (404, 503 otherwise).
+
+        The version stays loaded until the block ends, even if it is unloaded meanwhile.
+        """
+        mv = self.version(name, version)
+        try:
+            mv.batcher.check_capacity()
+        except Overloaded:
+            mv.metrics.rejected("queue_full")
+            mv.metrics.outcome("rejected")
+            raise
+        with mv.hold():
+            yield mv
 
     def check_rows(self, mv: ModelVersion, rows: np.ndarray) -> np.ndarray:
         """Validate a tensor against the model input: [N, H, W, C] float32, finite, within limits."""
@@ -73,23 +143,12 @@ class DataPlane:
             raise InvalidInput("input contains NaN or Inf values")
         return rows
 
-    def admit(self, mv: ModelVersion) -> None:
-        """Refuse a request for a full queue before its body is read or parsed."""
-        assert mv.batcher is not None and mv.metrics is not None
-        try:
-            mv.batcher.check_capacity()
-        except Overloaded:
-            mv.metrics.rejected("queue_full")
-            mv.metrics.outcome("rejected")
-            raise
-
     async def infer(self, mv: ModelVersion, rows: np.ndarray, gone: Gone | None = None) -> Prediction:
         """Run validated rows [N, H, W, C] through a version's batching queue, with metrics."""
         return await self._run(mv, len(rows), mv.predict(rows, gone))
 
-    async def _run(self, mv: ModelVersion, n: int, outputs_of: Awaitable[np.ndarray]) -> Prediction:
+    async def _run(self, mv: ModelVersion, n: int, outputs_of: Awaitable[Outputs]) -> Prediction:
         m = mv.metrics
-        assert m is not None
         m.inflight.inc()
         try:
             outputs = await outputs_of
@@ -111,11 +170,12 @@ class DataPlane:
             m.inflight.dec()
         m.outcome("success")
         m.request_rows.observe(n)
-        if outputs.ndim == 2:
-            winners = outputs.argmax(axis=1)
-            for class_id, confidence in zip(winners.tolist(), outputs[np.arange(len(winners)), winners].tolist()):
-                m.predicted(class_id, mv.label(class_id), confidence)
-        return Prediction(mv, outputs)
+        prediction = Prediction(mv, outputs)
+        probabilities = prediction.probabilities
+        winners = probabilities.argmax(axis=1)
+        for class_id, confidence in zip(winners.tolist(), probabilities[np.arange(len(winners)), winners].tolist()):
+            m.predicted(class_id, mv.label(class_id), confidence)
+        return prediction
 
     async def infer_images(self, mv: ModelVersion, images: list[bytes], gone: Gone | None = None) -> Prediction:
         """Infer on encoded images as one request; they are decoded on the model's inference thread."""
@@ -125,7 +185,6 @@ class DataPlane:
             raise InvalidInput(f"{len(images)} images exceed the limit of "
                                f"{self.settings.max_images_per_request} per request")
         metrics = mv.metrics
-        assert metrics is not None
 
         def prepare() -> np.ndarray:
             started = time.perf_counter()
@@ -137,7 +196,6 @@ class DataPlane:
 
     def _decode_all(self, mv: ModelVersion, images: list[bytes]) -> np.ndarray:
         spec = mv.image_spec
-        assert spec is not None
         rows = np.empty((len(images), spec.height, spec.width, spec.channels), dtype=np.float32)
         for i, data in enumerate(images):
             try:

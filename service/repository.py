@@ -13,59 +13,44 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.batching import Batcher, BatchingConfig, Gone, Prepare
+from service.batching import Batcher, BatchingConfig, Gone, Outputs, Prepare
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import Metrics, VersionMetrics
+from service.model_config import (
+    ConfigError,
+    ModelConfig,
+    ModelSettings,
+    model_settings,
+    probabilities_output,
+    read_model_config,
+)
 from service.preprocessing import ImageSpec
 from service.runtimes import RUNTIME_FILES, Runtime, TensorSpec, load_runtime
 from service.settings import Settings
 
 log = logging.getLogger("service.repository")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 ABSOLUTE_PATH_RE = re.compile(r"(?<![\w.:/-])/[\w.+-]+(?:/[\w.+-]*)*")
 READY, LOADING, UNAVAILABLE, FAILED = "READY", "LOADING", "UNAVAILABLE", "FAILED"
 WARMUP_BATCHES = (1, 8, 1)
 
 
 def valid_name(name: str) -> bool:
-    return bool(NAME_RE.match(name)) and ".." not in name
+    return NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
-# --- config.pbtxt (the few Triton fields we honour) --------------------------------------------
-
-@dataclass(frozen=True)
-class ModelConfig:
-    max_batch_size: int | None = None
-    max_queue_delay_us: int | None = None
-    version_policy: str | None = None
-
-
-def parse_config_pbtxt(text: str) -> ModelConfig:
-    """Read max_batch_size, dynamic_batching's queue delay and version_policy from a Triton config."""
-    def number(pattern: str) -> int | None:
-        match = re.search(pattern, text)
-        return int(match.group(1)) if match else None
-
-    policy = None
-    if re.search(r"version_policy\s*:?\s*\{\s*all\s*:?\s*\{", text):
-        policy = "all"
-    elif (latest := number(r"latest\s*:?\s*\{\s*num_versions\s*:\s*(\d+)")) is not None:
-        policy = f"latest:{latest}"
-    elif match := re.search(r"specific\s*:?\s*\{\s*versions\s*:\s*\[?([\d,\s]+)\]?", text):
-        policy = "specific:" + ",".join(v.strip() for v in match.group(1).split(",") if v.strip())
-    return ModelConfig(
-        max_batch_size=number(r"max_batch_size\s*:\s*(\d+)"),
-        max_queue_delay_us=number(r"max_queue_delay_microseconds\s*:\s*(\d+)"),
-        version_policy=policy,
-    )
+def valid_version(text: str) -> bool:
+    return VERSION_RE.fullmatch(text) is not None
 
 
 def select_versions(available: list[int], policy: str) -> list[int]:
@@ -74,63 +59,101 @@ def select_versions(available: list[int], policy: str) -> list[int]:
     if kind == "all":
         return sorted(available)
     if kind == "specific":
-        wanted = {int(v) for v in arg.split(",") if v.strip().isdigit()}
+        wanted = {int(v) for v in arg.split(",") if re.fullmatch(r"\s*[0-9]+\s*", v)}
         return sorted(v for v in available if v in wanted)
-    count = int(arg) if arg.strip().isdigit() else 1
+    count = int(arg) if re.fullmatch(r"\s*[0-9]+\s*", arg) else 1
     return sorted(available)[-max(1, count):]
 
 
 # --- One loaded version ------------------------------------------------------------------------
 
 @dataclass
-class ModelVersion:
-    name: str
+class VersionStatus:
+    """What a client may learn about a version on disk: its state and, when it failed, why."""
+
     version: int
-    path: Path
     state: str = LOADING
     error: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    runtime: Runtime | None = None
-    labels: list[str] = field(default_factory=list)
-    image_spec: ImageSpec | None = None
-    batcher: Batcher | None = None
-    metrics: VersionMetrics | None = None
-    load_seconds: float = 0.0
 
-    @property
-    def ready(self) -> bool:
-        return self.state == READY
-
-    @property
-    def input(self) -> TensorSpec:
-        assert self.runtime is not None
-        return self.runtime.inputs[0]
-
-    @property
-    def output(self) -> TensorSpec:
-        assert self.runtime is not None
-        return self.runtime.outputs[0]
-
-    def label(self, class_id: int) -> str:
-        return self.labels[class_id] if 0 <= class_id < len(self.labels) else str(class_id)
-
-    async def predict(self, rows: np.ndarray, gone: Gone | None = None) -> np.ndarray:
-        """Run a float32 batch through this version's batching queue."""
-        if self.batcher is None or not self.ready:
-            raise ModelNotReady(f"model {self.name} version {self.version} is not ready")
-        return await self.batcher.submit(rows, gone)
-
-    async def predict_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> np.ndarray:
-        """Like :meth:`predict`, for ``n`` rows that ``prepare()`` makes on the inference thread."""
-        if self.batcher is None or not self.ready:
-            raise ModelNotReady(f"model {self.name} version {self.version} is not ready")
-        return await self.batcher.submit_prepared(n, prepare, gone)
-
-    def status(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "state": self.state}
         if self.error:
             out["error"] = self.error
         return out
+
+
+class ModelVersion:
+    """A loaded version, whole from the moment it exists: runtime, batcher, metrics and image spec.
+
+    Requests hold it between admission and their answer (:meth:`hold`); unloading stops new
+    admissions at once and tears the version down only when the last admitted request is done.
+    """
+
+    def __init__(self, name: str, version: int, path: Path, runtime: Runtime, metadata: dict[str, Any],
+                 labels: list[str], probabilities: TensorSpec, batching: BatchingConfig,
+                 metrics: VersionMetrics, load_seconds: float) -> None:
+        self.name, self.version, self.path = name, version, path
+        self.runtime = runtime
+        self.metadata = metadata
+        self.labels = labels
+        self.input = runtime.inputs[0]
+        self.output = probabilities
+        """The class-probabilities output: what the image endpoints, TF Serving and metrics use."""
+        _, height, width, channels = self.input.shape
+        self.image_spec = ImageSpec(height, width, channels, digit=bool(metadata.get("digit", False)))
+        self.metrics = metrics
+        self.batcher = Batcher(runtime.predict, batching, f"{name}:{version}", on_batch=metrics.batch)
+        self.batcher.start()
+        metrics.queue_depth.set_function(lambda: self.batcher.queued_rows)
+        self.status = VersionStatus(version, READY)
+        self.load_seconds = load_seconds
+        self._holders = 0
+        self._released = asyncio.Event()
+        self._released.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.status.state == READY
+
+    def label(self, class_id: int) -> str:
+        return self.labels[class_id] if 0 <= class_id < len(self.labels) else str(class_id)
+
+    @contextmanager
+    def hold(self) -> Iterator[ModelVersion]:
+        """Keep this version loaded while an admitted request uses it."""
+        if not self.ready:
+            raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready "
+                                f"({self.status.state.lower()})")
+        self._holders += 1
+        self._released.clear()
+        try:
+            yield self
+        finally:
+            self._holders -= 1
+            if self._holders == 0:
+                self._released.set()
+
+    async def predict(self, rows: np.ndarray, gone: Gone | None = None) -> Outputs:
+        """Run a float32 batch through this version's batching queue."""
+        return await self.batcher.submit(rows, gone)
+
+    async def predict_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> Outputs:
+        """Like :meth:`predict`, for ``n`` rows that ``prepare()`` makes on the inference thread."""
+        return await self.batcher.submit_prepared(n, prepare, gone)
+
+    async def close(self, grace_seconds: float) -> None:
+        """Refuse new requests, wait (at most ``grace_seconds``) for admitted ones, then release all."""
+        was_ready = self.ready
+        self.status.state = UNAVAILABLE
+        try:
+            await asyncio.wait_for(self._released.wait(), grace_seconds)
+        except TimeoutError:
+            log.warning("unloading with requests still admitted", extra={
+                "model": self.name, "version": self.version, "requests": self._holders})
+        await self.batcher.close()
+        self.runtime.close()
+        if was_ready:
+            log.info("model version unloaded", extra={"model": self.name, "version": self.version})
 
 
 def _sha256(path: Path) -> str:
@@ -141,10 +164,58 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_version(name: str, version: int, path: Path, settings: Settings) -> ModelVersion:
-    """Load and check one version directory; any problem leaves it FAILED with a message."""
-    mv = ModelVersion(name, version, path)
+# v2 datatypes a response can carry for a model output (every numeric type the protocol has).
+SERVABLE_OUTPUT_TYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                         "FP16", "FP32", "FP64"}
+
+
+def _probabilities_output(runtime: Runtime, metadata: dict[str, Any], config: ModelConfig | None) -> TensorSpec:
+    """The class-probabilities output: named in metadata.json or config.pbtxt, or the only one."""
+    outputs = {o.name: o for o in runtime.outputs}
+    named = (metadata.get("output") or {}).get("name") or probabilities_output(config)
+    if named is None:
+        named = "probabilities" if "probabilities" in outputs else (next(iter(outputs)) if len(outputs) == 1 else None)
+    if named is None or named not in outputs:
+        raise ValueError(f"cannot tell which of the outputs {sorted(outputs)} holds the class probabilities; "
+                         "name it in metadata.json (\"output\": {\"name\": ...}) or give it a label_filename "
+                         "in config.pbtxt")
+    spec = outputs[named]
+    if len(spec.shape) != 2 or not spec.datatype.startswith("FP"):
+        raise ValueError(f"output {named} must be floating-point class scores [N, classes], "
+                         f"got {spec.datatype} {list(spec.shape)}")
+    return spec
+
+
+def _check_io(runtime: Runtime) -> None:
+    """Refuse at load what the service could only serve wrongly: several inputs, unbatched outputs."""
+    if len(runtime.inputs) != 1:
+        raise ValueError(f"the model has {len(runtime.inputs)} inputs ({', '.join(i.name for i in runtime.inputs)}); "
+                         "convserve serves single-input image models")
+    spec = runtime.inputs[0]
+    if len(spec.shape) != 4 or any(d <= 0 for d in spec.shape[1:]):
+        raise ValueError(f"input {spec.name} has shape {list(spec.shape)}; expected [N, H, W, C]")
+    bad = [f"{o.name} ({o.datatype} {list(o.shape)})" for o in runtime.outputs
+           if o.datatype not in SERVABLE_OUTPUT_TYPES or not o.shape or o.shape[0] != -1]
+    if bad:
+        raise ValueError(f"outputs the service cannot serve: {', '.join(bad)}; every output needs a numeric "
+                         "datatype and a leading batch dimension")
+
+
+@dataclass
+class LoadedParts:
+    """What loading a version directory yields, before it is put into service."""
+
+    runtime: Runtime
+    metadata: dict[str, Any]
+    labels: list[str]
+    probabilities: TensorSpec
+    seconds: float
+
+
+def load_parts(name: str, version: int, path: Path, settings: Settings, config: ModelConfig | None) -> LoadedParts:
+    """Load and check one version directory (in a worker thread); any problem raises a client-safe error."""
     started = time.perf_counter()
+    runtime: Runtime | None = None
     try:
         artifact = path / RUNTIME_FILES[settings.runtime]
         if not artifact.is_file():
@@ -157,30 +228,32 @@ def load_version(name: str, version: int, path: Path, settings: Settings) -> Mod
         if expected and _sha256(artifact) != expected:
             raise ValueError(f"{artifact.name} does not match the sha256 in metadata.json")
         runtime = load_runtime(settings.runtime, path, settings.inference_threads)
+        _check_io(runtime)
         spec = runtime.inputs[0]
-        if len(spec.shape) != 4 or any(d <= 0 for d in spec.shape[1:]):
-            raise ValueError(f"input {spec.name} has shape {list(spec.shape)}; expected [N, H, W, C]")
         declared = (metadata.get("input") or {}).get("shape")
         if declared and [int(d) for d in declared[1:]] != list(spec.shape[1:]):
             raise ValueError(f"model input shape {list(spec.shape)} does not match metadata.json's {declared}")
-        classes = runtime.outputs[0].shape[-1]
+        probabilities = _probabilities_output(runtime, metadata, config)
+        classes = probabilities.shape[-1]
         labels = [str(x) for x in metadata.get("labels") or range(classes)]
         if classes > 0 and len(labels) != classes:
             raise ValueError(f"metadata.json has {len(labels)} labels for {classes} outputs")
-        mv.metadata, mv.runtime, mv.labels = metadata, runtime, labels
         _, height, width, channels = spec.shape
-        mv.image_spec = ImageSpec(height, width, channels, digit=bool(metadata.get("digit", False)))
         for rows in WARMUP_BATCHES:  # first runs allocate; do them before a client waits on them
             runtime.predict(np.random.default_rng(rows).uniform(0, 255, (rows, height, width, channels))
                             .astype(np.float32))
-        mv.state = READY
+        return LoadedParts(runtime, metadata, labels, probabilities, round(time.perf_counter() - started, 4))
     except Exception as exc:
+        if runtime is not None:
+            runtime.close()
         # Runtime errors quote file paths: keep them relative to the repository for clients, and no other
         # absolute path (a resolved external-data location, a build path) reaches them either.
         reason = ABSOLUTE_PATH_RE.sub("<path>", str(exc).replace(str(path), f"{name}/{version}"))
-        mv.state, mv.error = FAILED, f"failed to load: {reason}"
-    mv.load_seconds = round(time.perf_counter() - started, 4)
-    return mv
+        raise LoadError(f"failed to load: {reason}") from None
+
+
+class LoadError(Exception):
+    """A version directory that cannot be served; the message is safe to show to clients."""
 
 
 # --- The repository ----------------------------------------------------------------------------
@@ -188,13 +261,26 @@ def load_version(name: str, version: int, path: Path, settings: Settings) -> Mod
 @dataclass
 class Model:
     name: str
-    config: ModelConfig
-    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    config: ModelConfig | None = None
+    settings: ModelSettings | None = None
+    error: str | None = None
+    """Why the model's config.pbtxt cannot be used (its loaded versions, if any, keep serving)."""
+    loaded: dict[int, ModelVersion] = field(default_factory=dict)
+    failed: dict[int, VersionStatus] = field(default_factory=dict)
     serving: ModelVersion | None = None
     """The newest ready version: what unversioned routes use. Recomputed on every change."""
 
     def ready_versions(self) -> list[ModelVersion]:
-        return [v for _, v in sorted(self.versions.items()) if v.ready]
+        return [v for _, v in sorted(self.loaded.items()) if v.ready]
+
+    def statuses(self) -> list[VersionStatus]:
+        """Every version the repository knows of (loaded or failed), oldest first."""
+        known = {**self.failed, **{v: mv.status for v, mv in self.loaded.items()}}
+        return [known[v] for v in sorted(known)]
+
+    def status(self, version: int) -> VersionStatus | None:
+        mv = self.loaded.get(version)
+        return mv.status if mv is not None else self.failed.get(version)
 
     def update_serving(self) -> None:
         ready = self.ready_versions()
@@ -235,24 +321,8 @@ class ModelRepository:
             if not model_dir.is_dir() or not valid_name(model_dir.name):
                 continue
             found[model_dir.name] = sorted(
-                int(v.name) for v in model_dir.iterdir() if v.is_dir() and VERSION_RE.match(v.name))
+                int(v.name) for v in model_dir.iterdir() if v.is_dir() and valid_version(v.name))
         return found
-
-    def _config(self, name: str) -> ModelConfig:
-        path = self.root / name / "config.pbtxt"
-        try:
-            return parse_config_pbtxt(path.read_text()) if path.is_file() else ModelConfig()
-        except (OSError, ValueError, UnicodeDecodeError):
-            return ModelConfig()
-
-    def _batching(self, config: ModelConfig) -> BatchingConfig:
-        s = self.settings
-        if not s.batching:
-            return BatchingConfig(max_batch_size=1, max_queue_delay_us=0, max_queue_size=s.max_queue_size,
-                                  timeout_s=s.request_timeout_seconds)
-        delay = s.max_queue_delay_us if config.max_queue_delay_us is None else config.max_queue_delay_us
-        return BatchingConfig(max_batch_size=config.max_batch_size or s.max_batch_size, max_queue_delay_us=delay,
-                              max_queue_size=s.max_queue_size, timeout_s=s.request_timeout_seconds)
 
     # Loading -----------------------------------------------------------------------------------
 
@@ -271,65 +341,70 @@ class ModelRepository:
                 await self._drop(name)
 
     async def _sync_model(self, name: str, versions: list[int]) -> None:
-        config = await asyncio.to_thread(self._config, name)
-        wanted = select_versions(versions, config.version_policy or self.settings.version_policy)
-        model = self._models.setdefault(name, Model(name, config))
-        model.config = config
+        model = self._models.setdefault(name, Model(name))
+        try:
+            config = await asyncio.to_thread(read_model_config, self.root / name)
+        except ConfigError as exc:
+            if model.error != str(exc):
+                log.warning("model config rejected", extra={"model": name, "error": str(exc)})
+                self.metrics.load_failures.labels(name, "config").inc()
+            model.error = str(exc)
+            for version in versions:  # nothing new loads under a broken config; what serves keeps serving
+                if version not in model.loaded:
+                    model.failed[version] = VersionStatus(version, FAILED, str(exc))
+            return
+        model.error = None
+        model.config, model.settings = config, model_settings(config, self.settings)
+        wanted = select_versions(versions, model.settings.version_policy)
         for version in wanted:
-            current = model.versions.get(version)
-            path = self.root / name / str(version)
-            if current is not None and current.state != FAILED:
+            if version in model.loaded:
                 continue
-            if current is not None and self._failed.get((name, version)) == await asyncio.to_thread(_signature, path):
+            path = self.root / name / str(version)
+            signature = await asyncio.to_thread(_signature, path)
+            if version in model.failed and self._failed.get((name, version)) == signature:
                 continue  # still the same broken files
-            mv = await asyncio.to_thread(load_version, name, version, path, self.settings)
-            if mv.ready:
-                self._failed.pop((name, version), None)
-                mv.metrics = self.metrics.for_version(name, version)
-                mv.batcher = Batcher(mv.runtime.predict, self._batching(config),  # type: ignore[union-attr]
-                                     f"{name}:{version}", on_batch=mv.metrics.batch)
-                mv.batcher.start()
-                mv.metrics.queue_depth.set_function(lambda batcher=mv.batcher: batcher.queued_rows)
-            else:
-                self._failed[(name, version)] = await asyncio.to_thread(_signature, path)
+            try:
+                parts = await asyncio.to_thread(load_parts, name, version, path, self.settings, config)
+            except LoadError as exc:
+                self._failed[(name, version)] = signature
+                model.failed[version] = VersionStatus(version, FAILED, str(exc))
                 self.metrics.load_failures.labels(name, str(version)).inc()
-            model.versions[version] = mv  # the swap: one assignment, seen by the next request
+                log.warning("model version failed to load",
+                            extra={"model": name, "version": version, "error": str(exc)})
+                continue
+            self._failed.pop((name, version), None)
+            model.failed.pop(version, None)
+            model.loaded[version] = ModelVersion(  # the swap: one assignment, seen by the next request
+                name, version, path, parts.runtime, parts.metadata, parts.labels, parts.probabilities,
+                model.settings.batching, self.metrics.for_version(name, version), parts.seconds)
             model.update_serving()
-            log.log(logging.INFO if mv.ready else logging.WARNING,
-                    "model version %s", "loaded" if mv.ready else "failed to load",
-                    extra={"model": name, "version": version, "state": mv.state, "error": mv.error,
-                           "load_seconds": mv.load_seconds})
+            batching = model.settings.batching
+            log.info("model version loaded", extra={
+                "model": name, "version": version, "load_seconds": parts.seconds,
+                "max_batch_size": batching.max_batch_size, "max_queue_delay_us": batching.max_queue_delay_us,
+                "version_policy": model.settings.version_policy, "sources": model.settings.sources})
         keep = set(wanted)
-        missing = len(wanted) - sum(model.versions[v].ready for v in wanted)
+        missing = len(wanted) - sum(v in model.loaded and model.loaded[v].ready for v in wanted)
         if missing > 0:
             # A selected version failed (corrupt, half-written): the newest ready ones that are still on disk
             # keep serving in its place until it is fixed, so a bad publish never takes a model down.
-            fallback = sorted((v for v, mv in model.versions.items() if v not in keep and mv.ready and v in versions),
+            fallback = sorted((v for v, mv in model.loaded.items() if v not in keep and mv.ready and v in versions),
                               reverse=True)
             keep.update(fallback[:missing])
-        for version in [v for v in model.versions if v not in keep]:
-            mv = model.versions.pop(version)
+        for version in [v for v in model.failed if v not in keep]:
+            del model.failed[version]
+        for version in [v for v in model.loaded if v not in keep]:
+            mv = model.loaded.pop(version)
             model.update_serving()
-            await self._unload(mv)
+            await mv.close(self.settings.request_timeout_seconds)
         self.metrics.versions_loaded.labels(name).set(len(model.ready_versions()))
 
     async def _drop(self, name: str) -> None:
         model = self._models.pop(name)
-        for mv in model.versions.values():
-            await self._unload(mv)
+        model.serving = None
+        for mv in model.loaded.values():
+            await mv.close(self.settings.request_timeout_seconds)
         self.metrics.versions_loaded.labels(name).set(0)
-
-    async def _unload(self, mv: ModelVersion) -> None:
-        """Stop new requests at once, let queued and running ones finish, then release the runtime."""
-        was_ready = mv.ready
-        mv.state = UNAVAILABLE
-        if mv.batcher is not None:
-            await mv.batcher.close()
-        if mv.runtime is not None:
-            mv.runtime.close()
-        mv.runtime = None
-        if was_ready:
-            log.info("model version unloaded", extra={"model": mv.name, "version": mv.version})
 
     async def close(self) -> None:
         for name in list(self._models):
@@ -350,7 +425,8 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} is not loaded")
         self._unloaded.add(name)
         async with self._lock:
-            await self._drop(name)
+            if name in self._models:
+                await self._drop(name)
 
     async def index(self) -> list[dict[str, Any]]:
         """Every model on disk and its versions' states (Triton's repository index)."""
@@ -359,12 +435,12 @@ class ModelRepository:
         for name, versions in on_disk.items():
             model = self._models.get(name)
             for version in versions:
-                mv = model.versions.get(version) if model else None
+                status = model.status(version) if model else None
                 entry: dict[str, Any] = {"name": name, "version": str(version),
-                                         "state": mv.state if mv else UNAVAILABLE}
-                if mv is not None and mv.error:
-                    entry["reason"] = mv.error
-                elif mv is None:
+                                         "state": status.state if status else UNAVAILABLE}
+                if status is not None and status.error:
+                    entry["reason"] = status.error
+                elif status is None:
                     entry["reason"] = "unloaded" if name in self._unloaded else "not selected by the version policy"
                 entries.append(entry)
         return entries
@@ -375,7 +451,7 @@ class ModelRepository:
         return [self._models[n] for n in sorted(self._models)]
 
     def model(self, name: str) -> Model:
-        model = self._models.get(name)
+        model = self._models.get(name) if valid_name(name) else None
         if model is None:
             raise ModelNotFound(f"model {name!r} not found")
         return model
@@ -388,15 +464,18 @@ class ModelRepository:
                 raise ModelNotReady(f"model {name!r} has no ready version")
             return model.serving
         text = str(version)
-        if not VERSION_RE.match(text):
+        if not valid_version(text):
             raise ModelNotFound(f"model {name!r} has no version {text!r} (versions are positive integers)")
-        mv = model.versions.get(int(text))
+        mv = model.loaded.get(int(text))
         if mv is None:
+            status = model.failed.get(int(text))
+            if status is not None:
+                raise ModelNotReady(f"model {name!r} version {text} is not ready ({status.error})")
             raise ModelNotFound(f"model {name!r} has no version {text}")
         if not mv.ready:
-            raise ModelNotReady(f"model {name!r} version {text} is not ready ({mv.state.lower()})")
+            raise ModelNotReady(f"model {name!r} version {text} is not ready ({mv.status.state.lower()})")
         return mv
 
     def ready(self) -> bool:
-        """Every loaded model has at least one ready version."""
-        return all(m.serving is not None for m in self._models.values())
+        """Models are being served, and every model meant to be served has a ready version."""
+        return bool(self._models) and all(m.serving is not None for m in self._models.values())

@@ -14,17 +14,12 @@ from service.errors import InvalidInput, UnsupportedMediaType
 from service.responses import json_response
 from service.rest.body import disconnect_probe, media_type, parse_json, read_body
 from service.rest.multipart import parse_multipart
-from service.rest.schemas import ErrorResponse, ModelsResponse, PredictResponse
+from service.rest.routing import InferenceRoute
+from service.rest.schemas import ERRORS, ModelsResponse, PredictResponse
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=InferenceRoute)
 
 MAX_FORM_FIELDS = 16  # non-file parts (top_k) allowed beside the images
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in ((400, "Bad input"), (404, "Unknown model or version"), (413, "Too large"),
-                       (415, "Unsupported media type"), (503, "Model not ready or overloaded"))
-}
 
 PREDICT_BODY = {
     "requestBody": {
@@ -61,8 +56,8 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
         parts = parse_multipart(body, request.headers["content-type"], max_parts=max_images + MAX_FORM_FIELDS)
         images = [p.data for p in parts if p.is_file and (p.data or p.filename)]
         fields = {p.name: p.data for p in parts if not p.is_file}
-        top_k = fields.get("top_k")
-        return images, top_k.decode("utf-8", "replace") if top_k is not None else None
+        k_field = fields.get("top_k")
+        return images, k_field.decode("utf-8", "replace") if k_field is not None else None
     if kind.startswith("image/") or kind == "application/octet-stream":
         return [await read_body(request, limit)], None
     if kind == "application/json":
@@ -87,12 +82,12 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
-    mv = dataplane.version(name, version)
-    dataplane.admit(mv)  # 404, 503 before reading a large body
-    images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
-    k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
-    result = await dataplane.infer_images(mv, images, disconnect_probe(request))
-    return json_response({"model": mv.name, "version": mv.version, "predictions": top_k(mv, result.outputs, k)})
+    async with dataplane.admitted(name, version) as mv:  # 404, 503 before reading a large body
+        images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
+        k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
+        result = await dataplane.infer_images(mv, images, disconnect_probe(request))
+    return json_response({"model": mv.name, "version": mv.version,
+                          "predictions": top_k(mv, result.probabilities, k)})
 
 
 @router.post("/models/{name}/predict", response_model=None, responses={200: {"model": PredictResponse}, **ERRORS},
@@ -113,17 +108,17 @@ async def predict_version(request: Request, name: str, version: str) -> Response
 async def list_models(request: Request) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     models = []
-    for model in dataplane.repository.models():
-        ready = model.ready_versions()
-        newest = ready[-1] if ready else None
+    for model in dataplane.models():
+        newest = model.serving
         entry: dict[str, Any] = {
             "name": model.name,
             "default_version": newest.version if newest else None,
-            "versions": [mv.status() for _, mv in sorted(model.versions.items())],
+            "versions": [status.to_dict() for status in model.statuses()],
         }
-        if newest is not None and newest.runtime is not None:
+        if model.error:
+            entry["error"] = model.error
+        if newest is not None:
             entry.update(platform=newest.runtime.platform, input=newest.input.to_dict(),
-                         output=newest.output.to_dict(), labels=newest.labels,
-                         digit=bool(newest.image_spec and newest.image_spec.digit))
+                         output=newest.output.to_dict(), labels=newest.labels, digit=newest.image_spec.digit)
         models.append(entry)
     return json_response({"models": models})

@@ -17,7 +17,7 @@ from service.errors import Forbidden, InvalidInput, Unauthorized
 from service.repository import valid_name
 from service.responses import json_response
 from service.rest.body import parse_json, read_body
-from service.rest.images import ERRORS
+from service.rest.schemas import ERRORS
 
 router = APIRouter(tags=["model repository (admin)"])
 

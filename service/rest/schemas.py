@@ -15,6 +15,14 @@ class ErrorResponse(BaseModel):
     error: str = Field(description="What went wrong, in words a client can act on")
 
 
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "Bad input"), (404, "Unknown model or version"), (413, "Too large"),
+                       (415, "Unsupported media type"), (503, "Model not ready or overloaded"))
+}
+"""The error statuses every model route documents (in OpenAPI)."""
+
+
 class ClassScore(BaseModel):
     class_id: int
     label: str
@@ -52,6 +60,7 @@ class ModelSummary(BaseModel):
     name: str
     default_version: int | None = Field(description="The newest ready version, served by unversioned routes")
     versions: list[VersionStatus]
+    error: str | None = Field(None, description="Why the model's config.pbtxt cannot be used, if it cannot")
     platform: str | None = None
     input: TensorDescription | None = None
     output: TensorDescription | None = None

@@ -16,13 +16,13 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput
-from service.repository import FAILED, READY, ModelVersion
+from service.repository import FAILED, READY, VersionStatus
 from service.responses import json_response
 from service.rest.body import disconnect_probe, parse_json, read_body
-from service.rest.images import ERRORS
-from service.rest.schemas import TFModelStatus, TFPredictRequest, TFPredictResponse
+from service.rest.routing import InferenceRoute
+from service.rest.schemas import ERRORS, TFModelStatus, TFPredictRequest, TFPredictResponse
 
-router = APIRouter(tags=["tensorflow serving rest"])
+router = APIRouter(tags=["tensorflow serving rest"], route_class=InferenceRoute)
 
 TF_DTYPES = {"FP32": "DT_FLOAT", "FP64": "DT_DOUBLE", "UINT8": "DT_UINT8", "INT32": "DT_INT32", "INT64": "DT_INT64"}
 PREDICT_DOCS: dict[str, Any] = {
@@ -30,22 +30,16 @@ PREDICT_DOCS: dict[str, Any] = {
 }
 
 
-def _version_status(mv: ModelVersion) -> dict[str, Any]:
-    state = {READY: "AVAILABLE", FAILED: "END"}.get(mv.state, mv.state)
-    return {"version": str(mv.version), "state": state,
-            "status": {"error_code": "UNKNOWN" if mv.error else "OK", "error_message": mv.error or ""}}
+def _version_status(status: VersionStatus) -> dict[str, Any]:
+    """TF Serving's shape: a version that failed to load is END with the reason in error_message."""
+    state = {READY: "AVAILABLE", FAILED: "END"}.get(status.state, status.state)
+    return {"version": str(status.version), "state": state,
+            "status": {"error_code": "UNKNOWN" if status.error else "OK", "error_message": status.error or ""}}
 
 
 def _status(request: Request, name: str, version: str | None) -> Response:
-    repo = request.app.state.dataplane.repository
-    model = repo.model(name)
-    if version is None:
-        versions = [mv for _, mv in sorted(model.versions.items(), reverse=True)]
-    else:
-        versions = [mv for v, mv in model.versions.items() if str(v) == version]
-        if not versions:
-            repo.get(name, version)  # raises the 404 with its message
-    return json_response({"model_version_status": [_version_status(mv) for mv in versions]})
+    statuses = request.app.state.dataplane.version_statuses(name, version)
+    return json_response({"model_version_status": [_version_status(s) for s in statuses]})
 
 
 def _tensor_info(spec: Any, tensor_name: str) -> dict[str, Any]:
@@ -55,8 +49,7 @@ def _tensor_info(spec: Any, tensor_name: str) -> dict[str, Any]:
 
 
 def _metadata(request: Request, name: str, version: str | None) -> Response:
-    mv = request.app.state.dataplane.repository.get(name, version)
-    assert mv.runtime is not None
+    mv = request.app.state.dataplane.version(name, version)
     signature = {
         "inputs": {s.name: _tensor_info(s, f"serving_default_{s.name}:0") for s in mv.runtime.inputs},
         "outputs": {s.name: _tensor_info(s, "StatefulPartitionedCall:0") for s in mv.runtime.outputs},
@@ -89,38 +82,37 @@ def _tensor(values: Any, where: str) -> np.ndarray:
 
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
-    mv = dataplane.version(name, version)
-    dataplane.admit(mv)
-    gone = disconnect_probe(request)
-    payload = parse_json(await read_body(request, dataplane.settings.max_body_bytes))
-    if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
-        raise InvalidInput('request must be a JSON object with either "instances" or "inputs"')
-    input_name = mv.input.name
-    row_format = "instances" in payload
-    values = payload["instances" if row_format else "inputs"]
-    if row_format:
-        if not isinstance(values, list) or not values:
-            raise InvalidInput("instances must be a non-empty list")
-        if all(isinstance(v, dict) and not _is_b64(v) for v in values):
-            if any(set(v) != {input_name} for v in values):
-                raise InvalidInput(f"each instance must have exactly the input {input_name!r}")
-            values = [v[input_name] for v in values]
-    elif isinstance(values, dict) and not _is_b64(values):
-        if set(values) != {input_name}:
-            raise InvalidInput(f"inputs must name exactly the input {input_name!r}")
-        values = values[input_name]
+    async with dataplane.admitted(name, version) as mv:
+        gone = disconnect_probe(request)
+        payload = parse_json(await read_body(request, dataplane.settings.max_body_bytes))
+        if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
+            raise InvalidInput('request must be a JSON object with either "instances" or "inputs"')
+        input_name = mv.input.name
+        row_format = "instances" in payload
+        values = payload["instances" if row_format else "inputs"]
+        if row_format:
+            if not isinstance(values, list) or not values:
+                raise InvalidInput("instances must be a non-empty list")
+            if all(isinstance(v, dict) and not _is_b64(v) for v in values):
+                if any(set(v) != {input_name} for v in values):
+                    raise InvalidInput(f"each instance must have exactly the input {input_name!r}")
+                values = [v[input_name] for v in values]
+        elif isinstance(values, dict) and not _is_b64(values):
+            if set(values) != {input_name}:
+                raise InvalidInput(f"inputs must name exactly the input {input_name!r}")
+            values = values[input_name]
 
-    result: Prediction
-    if isinstance(values, list) and values and all(_is_b64(v) for v in values):
-        images = [_b64(v, f"instance {i}") for i, v in enumerate(values)]
-        result = await dataplane.infer_images(mv, images, gone)
-    elif _is_b64(values):
-        result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone)
-    else:
-        rows = dataplane.check_rows(mv, _tensor(values, "instances" if row_format else "inputs"))
-        result = await dataplane.infer(mv, rows, gone)
+        result: Prediction
+        if isinstance(values, list) and values and all(_is_b64(v) for v in values):
+            images = [_b64(v, f"instance {i}") for i, v in enumerate(values)]
+            result = await dataplane.infer_images(mv, images, gone)
+        elif _is_b64(values):
+            result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone)
+        else:
+            rows = dataplane.check_rows(mv, _tensor(values, "instances" if row_format else "inputs"))
+            result = await dataplane.infer(mv, rows, gone)
     key = "predictions" if row_format else "outputs"
-    return json_response({key: result.outputs})
+    return json_response({key: result.probabilities})
 
 
 @router.get("/v1/models/{name}", response_model=None, responses={200: {"model": TFModelStatus}, **ERRORS},

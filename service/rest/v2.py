@@ -16,15 +16,16 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import __version__
+from service.batching import Outputs
 from service.dataplane import DataPlane, ranked_classes
-from service.errors import InvalidInput, ModelNotReady
+from service.errors import InvalidInput
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
 from service.rest.body import disconnect_probe, parse_json, read_body
-from service.rest.images import ERRORS
-from service.rest.schemas import ServerMetadata, V2InferRequest, V2InferResponse, V2ModelMetadata
+from service.rest.routing import InferenceRoute
+from service.rest.schemas import ERRORS, ServerMetadata, V2InferRequest, V2InferResponse, V2ModelMetadata
 
-router = APIRouter(tags=["open inference protocol (v2)"])
+router = APIRouter(tags=["open inference protocol (v2)"], route_class=InferenceRoute)
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
@@ -44,17 +45,6 @@ INFER_DOCS: dict[str, Any] = {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-
-
-def _metadata(mv: ModelVersion, versions: list[int]) -> dict[str, Any]:
-    assert mv.runtime is not None
-    return {
-        "name": mv.name,
-        "versions": [str(v) for v in versions],
-        "platform": mv.runtime.platform,
-        "inputs": [s.to_dict() for s in mv.runtime.inputs],
-        "outputs": [s.to_dict() for s in mv.runtime.outputs],
-    }
 
 
 # --- Decoding requests -------------------------------------------------------------------------
@@ -119,7 +109,7 @@ def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[
     parameters = payload.get("parameters") or {}
     binary_default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output", False))
     requested = payload.get("outputs")
-    known = {s.name for s in mv.runtime.outputs} if mv.runtime else set()
+    known = {s.name for s in mv.runtime.outputs}
     if not requested:
         return [(name, binary_default, 0) for name in sorted(known)]
     if not isinstance(requested, list):
@@ -140,10 +130,17 @@ def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[
 
 # --- Encoding responses ------------------------------------------------------------------------
 
-def _classification(mv: ModelVersion, probabilities: np.ndarray, k: int) -> np.ndarray:
-    rows = [[f"{p[c]:f}:{c}:{mv.label(c)}" for c in classes]
-            for p, classes in zip(probabilities.tolist(), ranked_classes(probabilities, k))]
+def _classification(mv: ModelVersion, name: str, scores: np.ndarray, k: int) -> np.ndarray:
+    """Triton's classification extension: the k best ``"score:index[:label]"`` per row of an output."""
+    if scores.ndim != 2:
+        raise InvalidInput(f"classification needs an output of shape [N, classes]; {name} has {list(scores.shape)}")
+    with_labels = name == mv.output.name  # the labels belong to the class-probabilities output
+    rows = [[f"{p[c]:f}:{c}:{mv.label(c)}" if with_labels else f"{p[c]:f}:{c}" for c in classes]
+            for p, classes in zip(scores.tolist(), ranked_classes(scores, k))]
     return np.array(rows, dtype=object).reshape(len(rows), len(rows[0]) if rows else 0)
+
+
+V2_DATATYPE = {dtype: name for name, dtype in DATATYPES.items()}
 
 
 def _bytes_tensor(values: np.ndarray) -> bytes:
@@ -156,16 +153,18 @@ def _bytes_tensor(values: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _infer_response(mv: ModelVersion, outputs: np.ndarray, payload: dict[str, Any]) -> Response:
+def _infer_response(mv: ModelVersion, outputs: Outputs, payload: dict[str, Any]) -> Response:
     entries = []
     blobs: list[bytes] = []
     for name, binary, k in _requested_outputs(payload, mv):
         if k:
-            values = _classification(mv, outputs, k)
+            values = _classification(mv, name, outputs[name], k)
             datatype, raw = "BYTES", _bytes_tensor(values) if binary else None
         else:
-            values = outputs
-            datatype, raw = "FP32", outputs.astype("<f4", copy=False).tobytes() if binary else None
+            values = outputs[name]
+            dtype = values.dtype.newbyteorder("<") if values.dtype.byteorder == ">" else values.dtype
+            datatype = V2_DATATYPE[np.dtype(dtype)]
+            raw = values.astype(DATATYPES[datatype], copy=False).tobytes() if binary else None
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
         if raw is not None:
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -185,21 +184,20 @@ def _infer_response(mv: ModelVersion, outputs: np.ndarray, payload: dict[str, An
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
-    mv = dataplane.version(name, version)
-    dataplane.admit(mv)
-    body = await read_body(request, dataplane.settings.max_body_bytes)
-    payload, binary = _split_body(request, body)
-    if not isinstance(payload, dict):
-        raise InvalidInput("inference request must be a JSON object")
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InvalidInput(f"inference request needs exactly one input, {mv.input.name!r}")
-    if inputs[0].get("name") != mv.input.name:
-        raise InvalidInput(f"unknown input {inputs[0].get('name')!r}; this model takes {mv.input.name!r}")
-    _requested_outputs(payload, mv)  # reject bad output requests before running the model
-    tensor, _ = _input_tensor(inputs[0], binary, 0)
-    result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), disconnect_probe(request))
-    return _infer_response(result.model, result.outputs, payload)
+    async with dataplane.admitted(name, version) as mv:
+        body = await read_body(request, dataplane.settings.max_body_bytes)
+        payload, binary = _split_body(request, body)
+        if not isinstance(payload, dict):
+            raise InvalidInput("inference request must be a JSON object")
+        inputs = payload.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise InvalidInput(f"inference request needs exactly one input, {mv.input.name!r}")
+        if inputs[0].get("name") != mv.input.name:
+            raise InvalidInput(f"unknown input {inputs[0].get('name')!r}; this model takes {mv.input.name!r}")
+        _requested_outputs(payload, mv)  # reject bad output requests before running the model
+        tensor, _ = _input_tensor(inputs[0], binary, 0)
+        result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), disconnect_probe(request))
+        return _infer_response(result.model, result.outputs, payload)
 
 
 # --- Routes ------------------------------------------------------------------------------------
@@ -217,32 +215,33 @@ async def live() -> Response:
 @router.get("/v2/health/ready", response_model=None, summary="Readiness: every model has a ready version",
             responses={503: {"description": "not ready"}})
 async def ready(request: Request) -> Response:
-    is_ready = request.app.state.ready and request.app.state.dataplane.repository.ready()
+    is_ready = request.app.state.ready and request.app.state.dataplane.ready()
     return json_response({"ready": bool(is_ready)}, status=200 if is_ready else 503)
 
 
 @router.get("/v2/models/{name}", response_model=None, responses={200: {"model": V2ModelMetadata}, **ERRORS},
             summary="Model metadata (newest ready version)")
 async def model_metadata(request: Request, name: str) -> Response:
-    repo = request.app.state.dataplane.repository
-    model = repo.model(name)
-    mv = repo.get(name)
-    return json_response(_metadata(mv, [v.version for v in model.ready_versions()]))
+    return json_response(request.app.state.dataplane.metadata(name))
 
 
 @router.get("/v2/models/{name}/versions/{version}", response_model=None,
             responses={200: {"model": V2ModelMetadata}, **ERRORS}, summary="Model version metadata")
 async def model_version_metadata(request: Request, name: str, version: str) -> Response:
-    mv = request.app.state.dataplane.repository.get(name, version)
-    return json_response(_metadata(mv, [mv.version]))
+    return json_response(request.app.state.dataplane.metadata(name, version))
 
 
 async def _model_ready(request: Request, name: str, version: str | None) -> Response:
-    try:
-        request.app.state.dataplane.repository.get(name, version)
-    except ModelNotReady:
-        return json_response({"name": name, "ready": False}, status=503)
-    return json_response({"name": name, "ready": True})
+    """Ready or not; for a named version that is not, its state and (when it failed) the reason."""
+    is_ready, status = request.app.state.dataplane.model_ready(name, version)
+    body: dict[str, Any] = {"name": name, "ready": is_ready}
+    if status is not None:
+        body["version"] = str(status.version)
+        if not is_ready:
+            body["state"] = status.state
+            if status.error:
+                body["reason"] = status.error
+    return json_response(body, status=200 if is_ready else 503)
 
 
 @router.get("/v2/models/{name}/ready", response_model=None, summary="Is the model ready",

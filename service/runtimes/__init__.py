@@ -28,8 +28,8 @@ class Runtime(Protocol):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Run the first input on a float32 batch [N, ...]; return the first output [N, ...]."""
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the (only) input on a float32 batch [N, ...]; return every output by name, each [N, ...]."""
         ...
 
     def close(self) -> None:

@@ -37,10 +37,10 @@ class OnnxRuntime:
         self.inputs = [_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_spec(o) for o in self._session.get_outputs()]
         self._input_name = self.inputs[0].name
-        self._output_names = [self.outputs[0].name]
+        self._output_names = [o.name for o in self.outputs]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(self._output_names, {self._input_name: batch})[0]
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self._session.run(self._output_names, {self._input_name: batch})))
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]

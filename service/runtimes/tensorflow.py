@@ -27,18 +27,18 @@ class SavedModelRuntime:
         self._signature = self._loaded.signatures["serving_default"]
         _, kwargs = self._signature.structured_input_signature
         (self._input_name, in_spec), = kwargs.items()
-        (self._output_name, out_spec), = self._signature.structured_outputs.items()
+        out_specs = self._signature.structured_outputs
 
         def spec(name: str, s: tf.TensorSpec) -> TensorSpec:
             shape = tuple(-1 if d is None else int(d) for d in s.shape)
             return TensorSpec(name, _DATATYPES.get(s.dtype.name, s.dtype.name.upper()), shape)
 
         self.inputs = [spec(self._input_name, in_spec)]
-        self.outputs = [spec(self._output_name, out_spec)]
+        self.outputs = [spec(name, s) for name, s in sorted(out_specs.items())]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         result = self._signature(**{self._input_name: self._tf.constant(batch)})
-        return result[self._output_name].numpy()
+        return {name: tensor.numpy() for name, tensor in result.items()}
 
     def close(self) -> None:
         self._signature = None

@@ -271,7 +271,7 @@ def test_a_request_whose_preprocessing_crashes_fails_alone_not_its_whole_batch()
     batches: list[int] = []
 
     async def scenario() -> list[object]:
-        batcher = Batcher(lambda rows: rows.sum(axis=(1, 2, 3))[:, None], BatchingConfig(max_queue_delay_us=50_000),
+        batcher = Batcher(lambda rows: {"y": rows.sum(axis=(1, 2, 3))[:, None]}, BatchingConfig(max_queue_delay_us=50_000),
                           "m:1", on_batch=lambda rows, waits, seconds: batches.append(rows))
         batcher.start()
         calls = [batcher.submit_prepared(1, lambda: np.ones((1, 2, 2, 1), np.float32)),
@@ -284,6 +284,6 @@ def test_a_request_whose_preprocessing_crashes_fails_alone_not_its_whole_batch()
     good, crashed, rows = asyncio.run(scenario())
     assert isinstance(crashed, InferenceFailed)
     assert crashed.message == "preprocessing failed: RuntimeError"
-    assert good.tolist() == [[4.0]]
-    assert rows.tolist() == [[8.0], [8.0]]
+    assert good["y"].tolist() == [[4.0]]
+    assert rows["y"].tolist() == [[8.0], [8.0]]
     assert batches == [3]  # the three requests shared one batch; the crashed one's row was never computed

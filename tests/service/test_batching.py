@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher, BatchingConfig
-from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded, ServingError
 
 
 class RecordingModel:
@@ -22,11 +22,11 @@ class RecordingModel:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         self.gate.wait(5)
         time.sleep(self.delay)
         self.batches.append(len(rows))
-        return rows * 2
+        return {"double": rows * 2, "sum": rows.sum(axis=1).astype(np.int64)}
 
 
 def run(coro):
@@ -56,7 +56,8 @@ def test_concurrent_requests_are_batched_and_answered_in_order():
 
     model, inputs, outputs = run(scenario())
     for x, y in zip(inputs, outputs):
-        np.testing.assert_array_equal(y, x * 2)
+        np.testing.assert_array_equal(y["double"], x * 2)
+        np.testing.assert_array_equal(y["sum"], x.sum(axis=1).astype(np.int64))  # every output, sliced alike
     assert max(model.batches) > 1
     assert sum(model.batches) == 8
 
@@ -73,9 +74,9 @@ def test_multi_row_requests_count_their_rows_and_big_requests_run_alone():
         return model, big, small, results
 
     model, big, small, (r_big, r_small1, r_small2) = run(scenario())
-    np.testing.assert_array_equal(r_big, big * 2)
-    np.testing.assert_array_equal(r_small1, small * 2)
-    assert r_small2.shape == (3, 2)
+    np.testing.assert_array_equal(r_big["double"], big * 2)
+    np.testing.assert_array_equal(r_small1["double"], small * 2)
+    assert r_small2["double"].shape == (3, 2)
     assert 10 in model.batches  # the oversized request ran on its own, never rejected
     assert all(b <= 4 for b in model.batches if b != 10)
 
@@ -140,7 +141,7 @@ def test_runtime_failure_fails_only_that_batch():
         calls.append(len(rows))
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return rows
+        return {"y": rows}
 
     async def scenario():
         batcher = Batcher(flaky, BatchingConfig(max_batch_size=1), "m")
@@ -151,7 +152,7 @@ def test_runtime_failure_fails_only_that_batch():
         await batcher.close()
         return result
 
-    assert run(scenario()).tolist() == [[1.0]]
+    assert run(scenario())["y"].tolist() == [[1.0]]
 
 
 def test_closed_batcher_refuses_new_work():
@@ -201,3 +202,63 @@ def test_check_capacity_refuses_only_a_full_queue():
         await batcher.close()
 
     run(scenario())
+
+
+def test_a_failing_batch_hook_costs_no_client_its_answer():
+    def hook(rows, waits, seconds):
+        raise RuntimeError("metrics backend broke")
+
+    async def scenario():
+        batcher = Batcher(RecordingModel(), BatchingConfig(max_batch_size=4), "m", on_batch=hook)
+        batcher.start()
+        first = await batcher.submit(np.ones((1, 2), np.float32))
+        second = await batcher.submit(np.full((1, 2), 3.0, np.float32))  # the worker survived the first hook
+        await batcher.close()
+        return first, second
+
+    first, second = run(scenario())
+    assert first["double"].tolist() == [[2.0, 2.0]] and second["double"].tolist() == [[6.0, 6.0]]
+
+
+def test_a_dead_worker_fails_every_waiting_request_instead_of_leaving_it_hanging():
+    def broken_probe() -> bool:
+        raise RuntimeError("probe bug")  # runs on the worker task itself, so it kills the worker
+
+    async def scenario():
+        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
+        queued = [asyncio.ensure_future(batcher.submit(np.ones((1, 2), np.float32), gone))
+                  for gone in (broken_probe, None, None)]
+        await asyncio.sleep(0)
+        model.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *queued, return_exceptions=True), 5)
+        try:
+            await batcher.submit(np.ones((1, 2), np.float32))
+            late = None
+        except ServingError as exc:
+            late = exc
+        await batcher.close()
+        return results, late
+
+    (first, *queued), late = run(scenario())
+    assert first["double"].shape == (1, 2)  # the batch already running was answered
+    assert len(queued) == 3
+    for result in queued:
+        assert isinstance(result, InferenceFailed)
+        assert result.status == 500 and "batching worker of m failed (RuntimeError)" in result.message
+    assert late is not None and late.status == 503  # closed for good: refused, not queued forever
+
+
+def test_close_waits_for_queued_work_without_polling():
+    async def scenario():
+        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
+        queued = asyncio.ensure_future(batcher.submit(np.ones((1, 2), np.float32)))
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        still_waiting = not closing.done()
+        model.gate.set()
+        await asyncio.wait_for(closing, 5)
+        return still_waiting, await first, await queued
+
+    still_waiting, first, queued = run(scenario())
+    assert still_waiting
+    assert first["double"].shape == (1, 2) and queued["double"].tolist() == [[2.0, 2.0]]

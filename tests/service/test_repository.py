@@ -7,7 +7,9 @@ import json
 import pytest
 
 from service.metrics import Metrics
-from service.repository import parse_config_pbtxt, select_versions
+from service.model_config import ConfigError, config_version_policy, model_settings, read_model_config
+from service.repository import select_versions
+from service.settings import Settings
 
 LABELS = [str(i) for i in range(10)]
 SHAPE = (28, 28, 1)
@@ -21,17 +23,58 @@ def test_select_versions_policies():
     assert select_versions([], "latest:1") == []
 
 
-def test_parse_config_pbtxt_reads_batching_and_version_policy():
-    config = parse_config_pbtxt(
-        'name: "m"\nbackend: "onnxruntime"\nmax_batch_size: 64\n'
-        "version_policy: { latest: { num_versions: 2 } }\n"
-        "dynamic_batching { max_queue_delay_microseconds: 250 }\n")
-    assert config.max_batch_size == 64
-    assert config.max_queue_delay_us == 250
-    assert config.version_policy == "latest:2"
-    assert parse_config_pbtxt("version_policy: { all { } }").version_policy == "all"
-    assert parse_config_pbtxt("version_policy: { specific: { versions: [1, 3] } }").version_policy == "specific:1,3"
-    assert parse_config_pbtxt("").max_batch_size is None
+def _config(tmp_path, text):
+    (tmp_path / "config.pbtxt").write_text(text)
+    return read_model_config(tmp_path)
+
+
+def test_config_pbtxt_is_read_as_a_triton_model_config(tmp_path):
+    config = _config(tmp_path, 'name: "m"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
+                               "version_policy: { latest: { num_versions: 2 } }\n"
+                               "dynamic_batching { max_queue_delay_microseconds: 250 }\n")
+    assert config.max_batch_size == 8 and config.backend == "onnxruntime"
+    effective = model_settings(config, Settings(max_batch_size=32))
+    assert effective.batching.max_batch_size == 8  # the model's limit is below the setting
+    assert effective.batching.max_queue_delay_us == 250
+    assert effective.version_policy == "latest:2"
+    assert effective.sources == {"version_policy": "config.pbtxt", "max_batch_size": "config.pbtxt (the model's limit)",
+                                 "max_queue_delay_us": "config.pbtxt"}
+    assert config_version_policy(_config(tmp_path, "version_policy: { all { } }")) == "all"
+    assert config_version_policy(_config(tmp_path, "version_policy: { specific: { versions: [1, 3] } }")) == \
+        "specific:1,3"
+
+
+def test_commented_out_config_lines_are_comments(tmp_path):
+    config = _config(tmp_path, 'name: "m"\n# max_batch_size: 8\nmax_batch_size: 64\n'
+                               "# version_policy: { all { } }\n"
+                               "dynamic_batching {\n  # max_queue_delay_microseconds: 9000\n}\n")
+    effective = model_settings(config, Settings(max_batch_size=16, max_queue_delay_us=100))
+    assert effective.batching.max_batch_size == 16
+    assert effective.batching.max_queue_delay_us == 100
+    assert effective.version_policy == "latest:1"
+    assert effective.sources == {"version_policy": "default", "max_batch_size": "environment",
+                                 "max_queue_delay_us": "environment"}
+
+
+def test_settings_apply_where_config_pbtxt_is_silent_or_absent(tmp_path):
+    assert read_model_config(tmp_path) is None
+    effective = model_settings(None, Settings(max_batch_size=4, max_queue_delay_us=700, version_policy="all"))
+    assert (effective.batching.max_batch_size, effective.batching.max_queue_delay_us) == (4, 700)
+    assert effective.version_policy == "all"
+    assert model_settings(None, Settings()).sources["max_batch_size"] == "default"
+    off = model_settings(_config(tmp_path, "max_batch_size: 64"), Settings(batching=False))
+    assert (off.batching.max_batch_size, off.batching.max_queue_delay_us) == (1, 0)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("max_batch_size: eight\n", "max_batch_size"),
+    ("no_such_field: 1\n", "no_such_field"),
+    ("dynamic_batching { max_queue_delay_microseconds: 5\n", "dynamic_batching"),
+])
+def test_malformed_config_pbtxt_raises_the_parsers_message(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match="config.pbtxt is malformed") as error:
+        _config(tmp_path, text)
+    assert fragment in str(error.value) or "1:" in str(error.value)
 
 
 def test_default_policy_serves_only_the_newest_version(tmp_path, make_version, app_client_factory):
@@ -141,7 +184,7 @@ def test_tensorflow_runtime_serves_a_savedmodel(tmp_path, runtime):
     assert loaded.inputs[0].name == "image" and loaded.inputs[0].shape == (-1, 4, 4, 1)
     assert loaded.outputs[0].name == "probabilities"
     x = np.random.default_rng(0).random((2, 4, 4, 1), dtype=np.float32)
-    np.testing.assert_allclose(loaded.predict(x), serve(tf.constant(x))["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded.predict(x)["probabilities"], serve(tf.constant(x))["probabilities"].numpy(), atol=1e-6)
 
 
 def test_metrics_object_is_fresh_per_app():
