@@ -7,8 +7,8 @@ malformed file is an error with the parser's own message.
 What the service takes from it, and how it combines with the ``CONVSERVE_*`` settings:
 
 - ``max_batch_size`` is the largest batch the *model* accepts (Triton's meaning): the batcher
-  forms batches of at most the smaller of it and ``CONVSERVE_MAX_BATCH_SIZE``; 0 means the model
-  takes one request at a time.
+  forms batches of at most the smaller of it and ``CONVSERVE_MAX_BATCH_SIZE``. Absent or 0, the
+  model sets no limit (every model served here has a batch dimension).
 - ``dynamic_batching.max_queue_delay_microseconds`` (when non-zero) and ``version_policy``
   override ``CONVSERVE_MAX_QUEUE_DELAY_US`` and ``CONVSERVE_VERSION_POLICY`` for that model;
   those settings apply where the file is silent, and their defaults where they are unset.
@@ -100,8 +100,8 @@ def model_settings(config: ModelConfig | None, settings: Settings) -> ModelSetti
         return ModelSettings(batching, policy, sources)
 
     max_batch, sources["max_batch_size"] = settings.max_batch_size, _source(settings, "max_batch_size")
-    if config is not None and config.max_batch_size < max_batch:
-        max_batch = max(1, config.max_batch_size)
+    if config is not None and 0 < config.max_batch_size < max_batch:
+        max_batch = config.max_batch_size
         sources["max_batch_size"] = f"{CONFIG_FILE} (the model's limit)"
     delay, sources["max_queue_delay_us"] = settings.max_queue_delay_us, _source(settings, "max_queue_delay_us")
     if config is not None and config.dynamic_batching.max_queue_delay_microseconds:

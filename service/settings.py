@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     inference_threads: int = Field(default_factory=lambda: max(1, available_cpus() // 2), ge=1)
     """Threads each model's runtime may use for one batch (intra-op). Default: half the CPUs."""
     version_policy: str = "latest:1"
-    """Versions to serve per model unless its config.pbtxt says otherwise: latest:N, all, or specific:1,3."""
+    """Versions to serve per model unless its config.pbtxt has a version_policy: latest:N, all, or specific:1,3."""
 
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     """Largest request body accepted (413 above)."""
@@ -58,9 +58,10 @@ class Settings(BaseSettings):
     batching: bool = True
     """Dynamic batching: run concurrent requests for a model version together."""
     max_batch_size: int = Field(32, ge=1)
-    """Most rows per executed batch (a model's config.pbtxt max_batch_size overrides it)."""
+    """Most rows per executed batch; a model's config.pbtxt max_batch_size (its limit) lowers it for that model."""
     max_queue_delay_us: int = Field(0, ge=0)
-    """Microseconds the first queued request may wait for company (0: batch only what is waiting)."""
+    """Microseconds the first queued request may wait for company (0: batch only what is waiting); a model's
+    config.pbtxt dynamic_batching.max_queue_delay_microseconds, when non-zero, replaces it for that model."""
     max_queue_size: int = Field(1024, ge=1)
     """Most rows waiting per model version; more is refused with 503 and Retry-After."""
     request_timeout_seconds: float = Field(30.0, gt=0)

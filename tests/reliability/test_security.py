@@ -210,7 +210,7 @@ def test_onnx_external_data_outside_the_version_directory_is_refused_and_never_r
         response = httpx.post(f"{server.url}/models/escape/versions/{version}/predict", content=digits[0][0],
                               headers={"content-type": "image/png"})
         assert response.status_code == 503
-        assert f"model 'escape' version {version} is not ready (failed)" in response.json()["error"]
+        assert f"model 'escape' version {version} is not ready (failed to load: " in response.json()["error"]
     tf_status = httpx.get(f"{server.url}/v1/models/escape").json()["model_version_status"]
     for entry in tf_status:
         no_internals(entry["status"]["error_message"], str(root), str(root.parent))

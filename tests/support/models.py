@@ -57,3 +57,35 @@ def write_version(root: Path, name: str, version: int, shape: tuple[int, int, in
 def write_digit_version(root: Path, name: str, version: int, seed: int = 0) -> Path:
     """A tiny 28x28 grayscale digit model version (labels 0-9, digit preprocessing)."""
     return write_version(root, name, version, (28, 28, 1), DIGIT_LABELS, digit=True, seed=seed)
+
+
+def two_output_classifier(height: int, width: int, channels: int, classes: int = 10, seed: int = 0,
+                          probabilities: str = "probabilities") -> onnx.ModelProto:
+    """The tiny classifier with a second output: ``ink`` INT64 [N, 1], the count of pixels above 127."""
+    model = tiny_classifier(height, width, channels, classes, seed)
+    graph = model.graph
+    graph.node[-1].output[0] = probabilities
+    graph.output[0].name = probabilities
+    graph.node.extend([
+        helper.make_node("Greater", ["image", "threshold"], ["inked"]),
+        helper.make_node("Cast", ["inked"], ["inked_count"], to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["inked_count", "pixel_axes"], ["ink_flat"], keepdims=0),
+        helper.make_node("Unsqueeze", ["ink_flat", "one_axis"], ["ink"]),
+    ])
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(127.0, dtype=np.float32), "threshold"),
+        numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "pixel_axes"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
+    ])
+    graph.output.append(helper.make_tensor_value_info("ink", TensorProto.INT64, ["N", 1]))
+    return model
+
+
+def write_model(root: Path, name: str, version: int, model: onnx.ModelProto, metadata: dict | None = None) -> Path:
+    """``root/name/version/model.onnx`` from any ONNX model, with an optional metadata.json."""
+    directory = root / name / str(version)
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.onnx")
+    if metadata is not None:
+        (directory / "metadata.json").write_text(json.dumps(metadata))
+    return directory
