@@ -271,8 +271,9 @@ def test_a_request_whose_preprocessing_crashes_fails_alone_not_its_whole_batch()
     batches: list[int] = []
 
     async def scenario() -> list[object]:
-        batcher = Batcher(lambda rows: {"y": rows.sum(axis=(1, 2, 3))[:, None]}, BatchingConfig(max_queue_delay_us=50_000),
-                          "m:1", on_batch=lambda rows, waits, seconds: batches.append(rows))
+        batcher = Batcher(lambda rows: {"y": rows.sum(axis=(1, 2, 3))[:, None]},
+                          BatchingConfig(max_queue_delay_us=50_000), "m:1",
+                          on_batch=lambda rows, waits, seconds: batches.append(rows))
         batcher.start()
         calls = [batcher.submit_prepared(1, lambda: np.ones((1, 2, 2, 1), np.float32)),
                  batcher.submit_prepared(1, crash),

@@ -184,7 +184,8 @@ def test_tensorflow_runtime_serves_a_savedmodel(tmp_path, runtime):
     assert loaded.inputs[0].name == "image" and loaded.inputs[0].shape == (-1, 4, 4, 1)
     assert loaded.outputs[0].name == "probabilities"
     x = np.random.default_rng(0).random((2, 4, 4, 1), dtype=np.float32)
-    np.testing.assert_allclose(loaded.predict(x)["probabilities"], serve(tf.constant(x))["probabilities"].numpy(), atol=1e-6)
+    expected = serve(tf.constant(x))["probabilities"].numpy()
+    np.testing.assert_allclose(loaded.predict(x)["probabilities"], expected, atol=1e-6)
 
 
 def test_metrics_object_is_fresh_per_app():
