@@ -3,7 +3,8 @@
 One worker task per model version takes whatever is waiting (up to ``max_batch_size`` rows,
 waiting at most ``max_queue_delay`` for more) and runs it on the version's inference thread,
 then hands each caller its own rows back. While a batch computes, new requests queue up, so
-batches grow with load on their own. The queue is bounded: a full queue refuses at once.
+batches grow with load on their own. The queue is bounded twice: by its length (a full queue
+refuses at once) and by the time a new request would wait (see :meth:`Batcher.expected_wait`).
 
 A request may carry its rows, or a ``prepare`` function that makes them (image decoding):
 that runs on the inference thread too, so the event loop only speaks HTTP and one thread hop
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +50,8 @@ class BatchingConfig:
     """Most rows waiting; beyond it requests are refused with 503."""
     timeout_s: float = 30.0
     """A request still queued after this long is answered 504 and never run."""
+    queue_target_s: float = 0.0
+    """Admission refuses a request expected to wait longer than this before its batch starts (0: off)."""
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._running: list[_Item] = []  # the batch being executed, failed too if the worker dies
+        self._running_rows = 0
+        self._seconds_per_row = 0.0  # moving average of the recent service time per row (0: none seen yet)
         self._idle = asyncio.Event()  # set whenever nothing is queued or running (close() waits on it)
         self._idle.set()
 
@@ -112,14 +118,57 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(error)
         self._queue.clear()
-        self._running = []
+        self._running, self._running_rows = [], 0
         self._queued_rows = 0
         self._idle.set()
 
+    # Admission ---------------------------------------------------------------------------------
+    #
+    # Why an estimate from the service rate and not CoDel's minimum sojourn time: admission has to
+    # decide before a request is queued (so that a refusal costs no body read and no decoding),
+    # and CoDel judges requests already in the queue, reacting only after a full interval of
+    # standing delay. The wait a newcomer faces is the work ahead of it divided by the rate the
+    # batcher drains it at, and both are known here: the rows queued or running, and a moving
+    # average of the measured seconds per row of recent batches (which, under load, is the
+    # full-batch rate). The average follows a change in service speed within a few batches.
+    #
+    # Less than one full batch ahead is always admitted: refusing it could only leave the model
+    # idle. Without that floor, a storm of refused clients that retry at once starves the
+    # batches of CPU, the measured rate falls, and ever fewer requests are admitted until
+    # goodput collapses; with it, the model always has a full batch to run.
+
+    SPEED_SMOOTHING = 0.3
+    """Weight of the newest batch in the moving average of seconds per row."""
+
+    def expected_wait(self) -> float:
+        """Seconds a request admitted now would wait before its batch starts (0 until a batch has run)."""
+        return (self._queued_rows + self._running_rows) * self._seconds_per_row
+
     def check_capacity(self) -> None:
-        """Refuse at once when the queue is full: before a request's body is even read."""
+        """Refuse at once, before a request's body is even read, when the queue is full or when the
+        request would wait longer than ``queue_target_s``; Retry-After says when to come back."""
         if self._queued_rows >= self.config.max_queue_size:
-            raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later")
+            raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later",
+                             retry_after=self._retry_after(), reason="queue_full")
+        target = self.config.queue_target_s
+        if target > 0 and self._queued_rows + self._running_rows >= self.config.max_batch_size:
+            wait = self.expected_wait()
+            if wait > target:
+                raise Overloaded(f"model {self._name} is overloaded (expected wait {wait * 1000:.0f} ms, target "
+                                 f"{target * 1000:.0f} ms); retry later", retry_after=self._retry_after(),
+                                 reason="queue_delay")
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self.expected_wait()))
+
+    def _observe_speed(self, rows: int, seconds: float) -> None:
+        if rows <= 0:
+            return
+        sample = seconds / rows
+        if self._seconds_per_row == 0.0:
+            self._seconds_per_row = sample
+        else:
+            self._seconds_per_row += self.SPEED_SMOOTHING * (sample - self._seconds_per_row)
 
     async def submit(self, rows: np.ndarray, gone: Gone | None = None) -> Outputs:
         """Queue ``rows`` (a batch of one or more inputs) and wait for their outputs."""
@@ -160,14 +209,16 @@ class Batcher:
                 continue
             started = time.monotonic()
             self._running = batch
+            self._running_rows = sum(item.n for item in batch)
             try:
                 result = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:  # a runtime failure fails this batch only
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(InferenceFailed(f"inference failed: {exc.__class__.__name__}"))
-                self._running = []
+                self._running, self._running_rows = [], 0
                 continue
+            self._observe_speed(self._running_rows, time.monotonic() - started)
             if self._on_batch is not None and result.rows:
                 try:
                     self._on_batch(result.rows, [started - i.enqueued for i in batch], result.compute_seconds)
@@ -184,7 +235,7 @@ class Batcher:
                     item.future.set_result({name: array[offset:offset + item.n]
                                             for name, array in result.outputs.items()})
                 offset += item.n
-            self._running = []
+            self._running, self._running_rows = [], 0
 
     def _execute(self, batch: list[_Item]) -> _Executed:
         """On the inference thread: prepare what needs it, then run the rows as one batch."""

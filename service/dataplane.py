@@ -116,8 +116,8 @@ class DataPlane:
         mv = self.version(name, version)
         try:
             mv.batcher.check_capacity()
-        except Overloaded:
-            mv.metrics.rejected("queue_full")
+        except Overloaded as exc:
+            mv.metrics.rejected(exc.reason)
             mv.metrics.outcome("rejected")
             raise
         with mv.hold():
@@ -152,8 +152,8 @@ class DataPlane:
         m.inflight.inc()
         try:
             outputs = await outputs_of
-        except Overloaded:
-            m.rejected("queue_full")
+        except Overloaded as exc:
+            m.rejected(exc.reason)
             m.outcome("rejected")
             raise
         except DeadlineExceeded:

@@ -55,9 +55,11 @@ class ModelNotReady(ServingError):
 class Overloaded(ServingError):
     status = 503
 
-    def __init__(self, message: str, retry_after: int = 1) -> None:
+    def __init__(self, message: str, retry_after: int = 1, reason: str = "queue_full") -> None:
         super().__init__(message)
         self.headers = {"Retry-After": str(retry_after)}
+        self.reason = reason
+        """Why it was refused, as counted in convserve_rejected_requests_total: queue_full or queue_delay."""
 
 
 class DeadlineExceeded(ServingError):

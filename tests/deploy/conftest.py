@@ -217,9 +217,8 @@ def bundled_mnist_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy(source / "1" / name, root / "mnist" / version / name)
     shutil.copy(source / "labels.txt", root / "mnist" / "labels.txt")
     (root / "mnist" / "2" / "model.onnx").write_bytes((source / "1" / "model.onnx").read_bytes()[:1000])
-    config = (source / "config.pbtxt").read_text()
-    config = re.sub(r"version_policy:.*", "version_policy: { latest: { num_versions: 2 } }", config)
-    (root / "mnist" / "config.pbtxt").write_text(config)
+    config = re.sub(r"version_policy:.*\n", "", (source / "config.pbtxt").read_text())
+    (root / "mnist" / "config.pbtxt").write_text(config + "version_policy: { latest: { num_versions: 2 } }\n")
     return root
 
 

@@ -34,6 +34,8 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_settings(models_dir: Path, **overrides: object) -> Settings:
+    """Test settings; admission by queueing time is off unless a test turns it on (tests/service/test_admission.py)."""
+    overrides.setdefault("queue_target_ms", 0)
     return Settings(models_dir=models_dir, access_log=False, inference_threads=1, **overrides)
 
 

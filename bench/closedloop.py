@@ -1,0 +1,124 @@
+"""``python -m bench.closedloop``: overload with clients that back off, against a real server.
+
+Each client keeps one keep-alive connection and sends one MNIST PNG upload after another; after a
+refusal (503) it waits ``--backoff-ms`` before trying again, as a polite client would. The run
+measures 32 clients (the load that saturates the service) and then 512, on the same server, and
+prints for each: goodput (2xx per second), the accepted requests' p50/p99, the refusals' p99, and
+the share refused; then the goal ratios of the overload issue (accepted p99 at 512 within 2x of
+32's, goodput at least 90% of 32's, refusals under 10 ms at p99).
+
+The server is started here (the bundled models, defaults unless ``--env KEY=VALUE``), measured
+with ``time.perf_counter`` on the client side. Clients are asyncio streams with a minimal HTTP/1.1
+reader (Content-Length bodies only, which is all the service sends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.load import multipart_body
+from tests.support.server import ServiceProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Tally:
+    accepted: list[float] = field(default_factory=list)
+    refused: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def client(port: int, request: bytes, until: float, backoff: float, tally: Tally) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            writer.write(request)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            elapsed = time.perf_counter() - started
+            status = int(status_line.split()[1]) if status_line else 0
+            if 200 <= status < 300:
+                tally.accepted.append(elapsed)
+            elif status == 503:
+                tally.refused.append(elapsed)
+                await asyncio.sleep(backoff)
+            else:
+                tally.errors += 1
+    except (ConnectionError, asyncio.IncompleteReadError):
+        tally.errors += 1
+    finally:
+        writer.close()
+
+
+async def measure(port: int, clients: int, seconds: float, backoff: float, image: bytes) -> dict[str, float]:
+    body, content_type = multipart_body(image)
+    request = (f"POST /models/mnist/predict HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    tally = Tally()
+    until = time.perf_counter() + seconds
+    await asyncio.gather(*(client(port, request, until, backoff, tally) for _ in range(clients)))
+    answered = len(tally.accepted) + len(tally.refused)
+    return {"clients": clients, "goodput": len(tally.accepted) / seconds,
+            "accepted_p50_ms": percentile(tally.accepted, 0.5) * 1000,
+            "accepted_p99_ms": percentile(tally.accepted, 0.99) * 1000,
+            "refused_p99_ms": percentile(tally.refused, 0.99) * 1000,
+            "refused_share": len(tally.refused) / answered if answered else float("nan"), "errors": tally.errors}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.closedloop", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measured window")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating 32 / 512 windows")
+    parser.add_argument("--backoff-ms", type=float, default=20.0)
+    parser.add_argument("--env", action="append", default=[], help="server environment, KEY=VALUE")
+    args = parser.parse_args(argv)
+    env = {"CONVSERVE_ACCESS_LOG": "false", "CONVSERVE_REPOSITORY_POLL_SECONDS": "0",
+           **dict(item.split("=", 1) for item in args.env)}
+    env.setdefault("CONVSERVE_QUEUE_TARGET_MS", os.environ.get("CONVSERVE_QUEUE_TARGET_MS", "100"))
+    image = (ROOT / "tests" / "data" / "mnist" / "0000.png").read_bytes()
+    server = ServiceProcess(ROOT / "models", env=env)
+    try:
+        asyncio.run(measure(server.port, 32, 2.0, args.backoff_ms / 1000, image))  # warm-up
+        rows: dict[int, list[dict[str, float]]] = {32: [], 512: []}
+        for _ in range(args.rounds):
+            for clients in (32, 512):
+                rows[clients].append(asyncio.run(measure(server.port, clients, args.seconds,
+                                                         args.backoff_ms / 1000, image)))
+    finally:
+        server.stop()
+    print(f"server env: {env}; load average at the end: {os.getloadavg()[0]:.1f}")
+    summary = {}
+    for clients, runs in rows.items():
+        summary[clients] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        s = summary[clients]
+        print(f"c={clients:4d}: goodput {s['goodput']:7.1f}/s  accepted p50 {s['accepted_p50_ms']:6.1f} ms  "
+              f"p99 {s['accepted_p99_ms']:6.1f} ms  refused {s['refused_share']:5.1%} "
+              f"(p99 {s['refused_p99_ms']:.1f} ms)  errors {s['errors']:.0f}")
+    low, high = summary[32], summary[512]
+    print(f"accepted p99, 512 / 32: {high['accepted_p99_ms'] / low['accepted_p99_ms']:.2f}x (goal <= 2)")
+    print(f"goodput, 512 / 32: {high['goodput'] / low['goodput']:.0%} (goal >= 90%)")
+    print(f"refusals p99 at 512: {high['refused_p99_ms']:.1f} ms (goal < 10 ms)")
+
+
+if __name__ == "__main__":
+    main()
