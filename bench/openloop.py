@@ -88,8 +88,7 @@ async def _worker(host: str, port: int, request: bytes, queue: asyncio.Queue[flo
             if headers.get(b"connection", b"").lower() == b"close":
                 writer.close()
                 writer = None
-        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                asyncio.TimeoutError):
+        except (TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             tally.statuses.append(0)
             tally.latencies.append(loop.time() - scheduled)
             tally.service.append(0.0)

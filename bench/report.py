@@ -199,7 +199,7 @@ def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores, memory, load, software versions, date."""
     load = os.getloadavg()
     return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": _revision(),
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),

@@ -211,7 +211,7 @@ def export_version(model: Any, recipe: Recipe, ds: Dataset, models_dir: Path, *,
             "training": training,
             "data": ds.provenance,
             "frameworks": framework_versions(),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         metadata["sha256"] = file_checksums(staging)
 
