@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The forms of a version policy, as Triton's config.pbtxt has them: the newest N, every one, or a list.
+VERSION_POLICY_RE = re.compile(r"latest:[1-9][0-9]*|all|specific:[0-9]+(,[0-9]+)*")
 
 
 def available_cpus() -> int:
@@ -80,3 +84,13 @@ class Settings(BaseSettings):
     """Python logging level for the service's own logs."""
     admin_token: SecretStr | None = None
     """Bearer token for the repository API (/v2/repository/...). Unset: that API is off (403)."""
+
+    @field_validator("version_policy")
+    @classmethod
+    def _known_version_policy(cls, value: str) -> str:
+        # A typo must stop the start, not quietly serve only the newest version.
+        policy = value.replace(" ", "")
+        if not VERSION_POLICY_RE.fullmatch(policy):
+            raise ValueError(f"CONVSERVE_VERSION_POLICY={value!r} is not a version policy: "
+                             "use latest:N (N >= 1), all, or specific:V1,V2,...")
+        return policy

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
 
 from service.__main__ import parse_args
 from service.settings import Settings, available_cpus
@@ -32,3 +38,24 @@ def test_cli_flags_parse_to_overrides():
     args = parse_args(["--models-dir", "m", "--host", "0.0.0.0", "--port", "9000"])
     assert (args.models_dir, args.host, args.port) == (Path("m"), "0.0.0.0", 9000)
     assert parse_args([]).port is None  # unset flags leave the environment's values alone
+
+
+@pytest.mark.parametrize("policy", ["latest:1", "latest:3", "all", "specific:1,3", "specific: 2"])
+def test_version_policy_accepts_the_three_forms(monkeypatch, policy):
+    monkeypatch.setenv("CONVSERVE_VERSION_POLICY", policy)
+    assert Settings().version_policy == policy.replace(" ", "")
+
+
+@pytest.mark.parametrize("policy", ["bogus", "latest", "latest:0", "latest:-1", "specific:", "specific:a", "al"])
+def test_version_policy_rejects_anything_else(monkeypatch, policy):
+    monkeypatch.setenv("CONVSERVE_VERSION_POLICY", policy)
+    with pytest.raises(ValidationError, match=f"CONVSERVE_VERSION_POLICY='{policy}' is not a version policy"):
+        Settings()
+
+
+def test_service_refuses_to_start_with_an_unknown_version_policy(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "service", "--models-dir", str(tmp_path), "--port", "0"],
+                            env={**os.environ, "CONVSERVE_VERSION_POLICY": "bogus"}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "CONVSERVE_VERSION_POLICY='bogus' is not a version policy: use latest:N" in result.stderr
