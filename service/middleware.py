@@ -42,12 +42,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
+    """JSON lines on stderr for the ``service`` loggers at ``level``; the access log is not filtered by it."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("service")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # Whether request lines are written is CONVSERVE_ACCESS_LOG's decision alone: with CONVSERVE_LOG_LEVEL=warning
+    # and the access log on, they still appear (they are info records).
+    access_log.setLevel(logging.INFO)
 
 
 class RequestContextMiddleware:

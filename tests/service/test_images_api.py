@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from PIL import Image
 
 from service.preprocessing import ImageLimits, ImageSpec, preprocess
@@ -199,3 +200,15 @@ def test_every_response_carries_a_request_id(client):
     assert response.headers["x-request-id"] == "abc-123"
     generated = client.get("/models").headers["x-request-id"]
     assert generated and generated != "abc-123"
+
+
+@pytest.mark.parametrize("sent", ["a" * 64, "A.b_c-9", "x"])
+def test_request_id_of_1_to_64_safe_characters_is_kept(client, sent):
+    assert client.get("/models", headers={"x-request-id": sent}).headers["x-request-id"] == sent
+
+
+@pytest.mark.parametrize("sent", ["", "a" * 65, "has space", "semi;colon", "slash/es", "quote\""])
+def test_any_other_request_id_is_replaced_by_a_generated_one(client, sent):
+    answered = client.get("/models", headers={"x-request-id": sent}).headers["x-request-id"]
+    assert answered != sent
+    assert len(answered) == 16 and int(answered, 16) >= 0

@@ -111,3 +111,19 @@ def test_bundled_mnist_model_classifies_real_digits(bundled_server, mnist_pngs):
     predicted = [p["class_id"] for p in response.json()["predictions"]]
     correct = sum(p == label for p, (_, label) in zip(predicted, mnist_pngs))
     assert correct >= len(mnist_pngs) - 1
+
+
+@pytest.mark.parametrize("access_log", ["true", "false"])
+def test_access_log_setting_alone_decides_request_lines_whatever_the_log_level(server_factory, model_repo, access_log):
+    running = server_factory(model_repo, CONVSERVE_LOG_LEVEL="warning", CONVSERVE_ACCESS_LOG=access_log)
+    assert httpx.get(f"{running.url}/models", headers={"x-request-id": "level-check"}).status_code == 200
+    running.stop()  # the process has exited: every line it wrote is in its log
+    lines = [json.loads(line) for line in running.output().splitlines() if line.startswith("{")]
+    requests = [e for e in lines if e.get("request_id") == "level-check"]
+    if access_log == "true":
+        [entry] = requests
+        assert (entry["route"], entry["status"], entry["level"]) == ("/models", 200, "info")
+    else:
+        assert requests == []
+    assert not [e for e in lines if e["level"] == "info" and e["logger"].startswith("service.")
+                and e["logger"] != "service.access"]  # warning still hides the service's own info lines
