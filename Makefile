@@ -25,7 +25,9 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.serve
 	$(BIN)/python -m service --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)
 
-# Debian packages for the end-to-end tests (Prometheus, Chromium + ChromeDriver, docker-compose).
+# Debian packages for the end-to-end tests (Prometheus, Chromium + ChromeDriver, docker-compose): installed
+# when root (or with passwordless sudo), and the packaged prometheus service is stopped and disabled.
+# SKIP_SYSTEM_DEPS=1 skips all of it (the tests that need a missing package skip).
 system-deps:
 	@bash scripts/install-system-deps.sh
 

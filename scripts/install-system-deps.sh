@@ -2,8 +2,14 @@
 # Debian packages the end-to-end tests use: a real Prometheus (and promtool), Chromium with its
 # WebDriver for the web page, and docker-compose for validating the compose file.
 # Installs what is missing when run as root (or with passwordless sudo); otherwise says what is
-# missing, and the tests that need it skip with that reason.
+# missing, and the tests that need it skip with that reason. As root it also stops and disables the
+# packaged prometheus system service (the tests start their own Prometheus).
+# SKIP_SYSTEM_DEPS=1 (`make test SKIP_SYSTEM_DEPS=1`) leaves the system alone: nothing is installed or stopped.
 set -u
+if [ "${SKIP_SYSTEM_DEPS:-0}" = 1 ]; then
+    echo "system-deps: skipped (SKIP_SYSTEM_DEPS=1); tests needing missing packages will skip" >&2
+    exit 0
+fi
 PACKAGES=(prometheus chromium chromium-driver docker-compose)
 COMMANDS=(prometheus chromium chromedriver docker-compose)
 

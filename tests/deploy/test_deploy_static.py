@@ -6,24 +6,16 @@ import os
 import re
 import shutil
 import subprocess
-from importlib import metadata
+import tomllib
 
 import pytest
 import yaml
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the installed project's metadata says the same
-    tomllib = None
-
 
 def project_dependencies(repo_root) -> tuple[list[str], list[str]]:
     """pyproject.toml's base dependencies and its [train] extra."""
-    if tomllib is not None:
-        project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
-        return project["dependencies"], project["optional-dependencies"]["train"]
-    requires = metadata.requires("convserve") or []
-    return ([r for r in requires if "extra ==" not in r], [r for r in requires if 'extra == "train"' in r])
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    return project["dependencies"], project["optional-dependencies"]["train"]
 
 # --- Dockerfile --------------------------------------------------------------------------------
 
