@@ -29,7 +29,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
-from service.rest import images, tfserving, v2, web
+from service.rest import explain, images, tfserving, v2, web
 from service.rest import repository as repository_api
 from service.settings import Settings
 
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.state.ready = False
 
     app.include_router(images.router)
+    app.include_router(explain.router)
     app.include_router(v2.router)
     app.include_router(tfserving.router)
     app.include_router(repository_api.router)

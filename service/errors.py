@@ -48,6 +48,12 @@ class UnsupportedMediaType(ServingError):
     status = 415
 
 
+class NotExplainable(ServingError):
+    """The model cannot be explained (no convolution or pooling layers, no ONNX graph)."""
+
+    status = 422
+
+
 class ModelNotReady(ServingError):
     status = 503
 

@@ -44,6 +44,11 @@ class Metrics:
                                        [*labels, "class"], registry=r)
         self.confidence = Histogram("convserve_prediction_confidence", "Top-1 probability of each prediction",
                                     labels, buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.explanations = Counter("convserve_explanations_total", "Explanation requests by outcome",
+                                    [*labels, "outcome"], registry=r)
+        self.explain_latency = Histogram("convserve_explain_duration_seconds",
+                                         "Time to answer an explanation, queue included", labels,
+                                         buckets=LATENCY_BUCKETS, registry=r)
         self.versions_loaded = Gauge("convserve_model_versions_loaded", "Versions of a model loaded and ready",
                                      ["model"], registry=r)
         self.load_failures = Counter("convserve_model_load_failures_total", "Model versions that failed to load",
