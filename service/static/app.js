@@ -1,5 +1,6 @@
 // convserve web page: pick a model, draw a digit or upload an image, show the top classes.
-// Every prediction goes to the image endpoint, POST /models/{name}/predict, as a multipart `file`.
+// Every prediction goes to the image endpoint, POST /models/{name}/predict, as a multipart `file`;
+// once it is shown, the same file goes to POST /models/{name}/explain for what the model saw.
 "use strict";
 
 const TOP_K = 5;
@@ -21,6 +22,18 @@ const placeholder = $("placeholder");
 const results = $("results");
 const latency = $("latency");
 const version = $("version");
+const explainCard = $("explain-card");
+const explainStatus = $("explain-status");
+const explainBody = $("explain-body");
+const modelInput = $("model-input");
+const modelInputCaption = $("model-input-caption");
+const saliencyCanvas = $("saliency");
+const saliencyCaption = $("saliency-caption");
+const featureMaps = $("feature-maps");
+
+const EXPLAIN_IDLE = "After a prediction, this shows the image the model was given, where it looked, " +
+  "and what its layers found.";
+const INPUT_PIXELS = 168;  // the input and its heatmap are shown this wide, each pixel a visible square
 
 let models = [];
 let inked = false;      // anything drawn since the last clear
@@ -47,6 +60,7 @@ function clearError() {
 }
 
 function clearResults() {
+  clearExplanation(EXPLAIN_IDLE);
   results.replaceChildren();
   placeholder.hidden = false;
   latency.textContent = "–";
@@ -115,12 +129,143 @@ async function predict(blob, filename) {
     }
     clearError();
     showPrediction(body, ms);
+    explain(model, blob, filename, mine);
   } catch (err) {
     if (mine !== sequence) return;
     clearResults();
     showError(`Could not reach the service: ${err.message}`);
   } finally {
     if (mine === sequence && timer === null) results.setAttribute("aria-busy", "false");
+  }
+}
+
+// ---- what the model sees ---------------------------------------------------
+
+function clearExplanation(message) {
+  explainStatus.textContent = message;
+  explainBody.hidden = true;
+  featureMaps.replaceChildren();
+  explainCard.setAttribute("aria-busy", "false");
+}
+
+function dims(shape) {
+  return shape.join("×");
+}
+
+// Where the heatmap is strongest, in words, for those who cannot see it.
+function hottestPlace(saliency) {
+  const [height, width] = saliency.shape;
+  let best = -Infinity;
+  let at = [0, 0];
+  saliency.data.forEach((row, y) => row.forEach((value, x) => {
+    if (value > best) {
+      best = value;
+      at = [y, x];
+    }
+  }));
+  if (!(best > 0)) return "nowhere in particular: covering any part barely changes the answer";
+  const vertical = ["top", "middle", "bottom"][Math.min(2, Math.floor((3 * at[0]) / height))];
+  const horizontal = ["left", "centre", "right"][Math.min(2, Math.floor((3 * at[1]) / width))];
+  return vertical === "middle" && horizontal === "centre" ? "in the centre" : `at the ${vertical} ${horizontal}`;
+}
+
+// The input, dimmed, with the positive saliency over it in red: stronger evidence, more opaque.
+function drawSaliency(input, saliency) {
+  const [height, width, channels] = input.shape;
+  saliencyCanvas.width = width;
+  saliencyCanvas.height = height;
+  const paint = saliencyCanvas.getContext("2d");
+  const image = paint.createImageData(width, height);
+  const peak = Math.max(0, ...saliency.data.flat());
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const pixel = input.data[y][x];
+      const rgb = channels === 3 ? pixel : [pixel[0], pixel[0], pixel[0]];
+      const heat = peak > 0 ? Math.max(0, saliency.data[y][x]) / peak : 0;
+      const alpha = 0.85 * heat;
+      const i = 4 * (y * width + x);
+      image.data[i] = (1 - alpha) * 0.6 * rgb[0] + alpha * 255;
+      image.data[i + 1] = (1 - alpha) * 0.6 * rgb[1] + alpha * 200 * (1 - heat);
+      image.data[i + 2] = (1 - alpha) * 0.6 * rgb[2];
+      image.data[i + 3] = 255;
+    }
+  }
+  paint.putImageData(image, 0, 0);
+}
+
+function featureMapItem(map) {
+  const [height, width, channels] = map.shape;
+  const li = document.createElement("li");
+  li.className = "feature-map";
+  const figure = document.createElement("figure");
+  const caption = document.createElement("figcaption");
+  const layer = document.createElement("span");
+  layer.className = "layer";
+  layer.textContent = map.layer;
+  const kind = document.createElement("span");
+  kind.className = "op";
+  kind.textContent = map.op;
+  const shape = document.createElement("span");
+  shape.className = "shape";
+  shape.textContent = dims(map.shape);
+  caption.append(layer, " ", kind, " ", shape);
+  const img = document.createElement("img");
+  img.alt = `${channels} feature maps of ${width}×${height} pixels from the ${map.op} layer ${map.layer}`;
+  img.addEventListener("load", () => {  // small grids are shown twice as large, in whole pixels
+    if (img.naturalWidth < 400) img.width = img.naturalWidth * 2;
+  });
+  img.src = `data:image/png;base64,${map.png}`;
+  figure.append(caption, img);
+  li.append(figure);
+  return li;
+}
+
+function showExplanation(body, ms) {
+  const {input, saliency} = body;
+  const [height, width, channels] = input.shape;
+  const kind = channels === 1 ? "grayscale" : channels === 3 ? "colour" : `${channels}-channel`;
+  modelInput.src = `data:image/png;base64,${input.png}`;
+  modelInput.alt = `The ${width}×${height} ${kind} image the model was given, after preprocessing`;
+  modelInput.width = INPUT_PIXELS;
+  modelInput.height = Math.round((INPUT_PIXELS * height) / width);
+  modelInputCaption.textContent = `The model's input: ${dims(input.shape)}`;
+  drawSaliency(input, saliency);
+  saliencyCanvas.style.width = `${INPUT_PIXELS}px`;
+  saliencyCanvas.style.height = `${modelInput.height}px`;
+  saliencyCanvas.setAttribute("aria-label", `Heatmap over the input: the evidence for “${saliency.label}” ` +
+    `lies ${hottestPlace(saliency)}.`);
+  saliencyCaption.textContent = `Where it looked for “${saliency.label}”`;
+  featureMaps.replaceChildren(...body.feature_maps.map(featureMapItem));
+  explainBody.hidden = false;
+  explainStatus.textContent = `Explained “${saliency.label}” in ${Math.round(ms)} ms: the input, ` +
+    `where the model looked, and ${body.feature_maps.length} layers of feature maps.`;
+}
+
+async function explain(model, blob, filename, mine) {
+  explainCard.setAttribute("aria-busy", "true");
+  explainStatus.textContent = "Explaining the prediction…";
+  const form = new FormData();
+  form.append("file", blob, filename);
+  const started = performance.now();
+  try {
+    const response = await fetch(`/models/${encodeURIComponent(model.name)}/explain`, {method: "POST", body: form});
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    if (mine !== sequence) return;  // a newer prediction has been asked for
+    if (!response.ok || !body || !body.saliency) {
+      const reason = body && body.error ? body.error : `the service answered HTTP ${response.status}`;
+      clearExplanation(`No explanation: ${reason}`);
+      return;
+    }
+    showExplanation(body, performance.now() - started);
+  } catch (err) {
+    if (mine === sequence) clearExplanation(`No explanation: could not reach the service (${err.message}).`);
+  } finally {
+    if (mine === sequence) explainCard.setAttribute("aria-busy", "false");
   }
 }
 
