@@ -108,6 +108,21 @@ def test_any_exported_cnn_is_explained_not_only_ours(app_client_factory, make_ve
     assert body["saliency"]["shape"] == [16, 12] and np.array(body["saliency"]["data"]).shape == (16, 12)
 
 
+def test_the_graph_reader_agrees_with_the_onnx_package(bundled_mnist) -> None:
+    import onnx
+
+    from service.explain import graph_nodes, with_graph_outputs
+
+    for path in sorted(bundled_mnist.glob("*/[0-9]*/model.onnx")):
+        data = path.read_bytes()
+        model = onnx.load_from_string(data)
+        assert [(n.name, n.op_type, n.domain, n.inputs, n.outputs) for n in graph_nodes(data)] == [
+            (n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in model.graph.node], path
+        extended = onnx.load_from_string(with_graph_outputs(data, ["a:0", "b"]))
+        assert [o.name for o in extended.graph.output] == [o.name for o in model.graph.output] + ["a:0", "b"]
+        assert len(extended.graph.node) == len(model.graph.node)
+
+
 # --- the input, the predictions and the saliency ---------------------------------------------------
 
 def test_explain_answers_the_predictions_predict_gives(bundled, mnist_pngs) -> None:
