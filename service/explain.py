@@ -19,7 +19,6 @@ import base64
 import io
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -180,8 +179,8 @@ _SESSIONS: dict[int, FeatureMaps] = {}
 
 
 def feature_maps_of(mv: ModelVersion, threads: int) -> FeatureMaps:
-    """The version's feature-map session, built on first use. Call it on the version's inference
-    thread only (one per version), so a session is never built twice; it goes when the version does."""
+    """The version's feature-map session, built on first use and released when the version is unloaded.
+    Called on the version's inference thread only (one per version), so a session is never built twice."""
     key = id(mv)
     maps = _SESSIONS.get(key)
     if maps is None:
@@ -189,7 +188,7 @@ def feature_maps_of(mv: ModelVersion, threads: int) -> FeatureMaps:
         if not path.is_file():
             raise NotExplainable(f"model {mv.name} version {mv.version} has no model.onnx to take feature maps from")
         maps = _SESSIONS[key] = FeatureMaps(path, threads)
-        weakref.finalize(mv, _release, key)
+        mv.on_close(lambda: _release(key))
     if not maps.layers:
         raise NotExplainable(f"model {mv.name} version {mv.version} has no convolution or pooling layers, "
                              "so it has no feature maps to explain")
@@ -338,7 +337,6 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
     inference thread as one queued request of ``1 + patches`` rows: its cost counts in the queue.
     """
     spec, version_metrics = mv.image_spec, mv.metrics
-    assert spec is not None and version_metrics is not None
     classes = len(mv.labels)
     if target is not None and not 0 <= target < classes:
         raise InvalidInput(f"target must be a class id from 0 to {classes - 1}, got {target}")
@@ -365,7 +363,7 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
     started = time.perf_counter()
     version_metrics.inflight.inc()
     try:
-        probabilities = await mv.predict_prepared(1 + occlusion.rows, prepare, gone)
+        outputs = await mv.predict_prepared(1 + occlusion.rows, prepare, gone)
     except ServingError as exc:
         outcome, reason = _outcome(exc)
         if reason is not None:
@@ -374,6 +372,7 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
         raise
     finally:
         version_metrics.inflight.dec()
+    probabilities = outputs[mv.output.name]
     chosen = int(np.argmax(probabilities[0])) if target is None else target
     saliency = saliency_map(probabilities, chosen, occlusion, spec.height, spec.width)
     row = made["row"]

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +110,7 @@ class ModelVersion:
         self._holders = 0
         self._released = asyncio.Event()
         self._released.set()
+        self._on_close: list[Callable[[], None]] = []
 
     @property
     def ready(self) -> bool:
@@ -141,6 +142,10 @@ class ModelVersion:
         """Like :meth:`predict`, for ``n`` rows that ``prepare()`` makes on the inference thread."""
         return await self.batcher.submit_prepared(n, prepare, gone)
 
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Have ``release`` called when this version is unloaded (what was built for it on demand)."""
+        self._on_close.append(release)
+
     async def close(self, grace_seconds: float) -> None:
         """Refuse new requests, wait (at most ``grace_seconds``) for admitted ones, then release all."""
         was_ready = self.ready
@@ -152,6 +157,8 @@ class ModelVersion:
                 "model": self.name, "version": self.version, "requests": self._holders})
         await self.batcher.close()
         self.runtime.close()
+        for release in self._on_close:
+            release()
         if was_ready:
             log.info("model version unloaded", extra={"model": self.name, "version": self.version})
 

@@ -12,9 +12,10 @@ from service.explain import explain
 from service.responses import json_response
 from service.rest.body import disconnect_probe
 from service.rest.images import ERRORS, PREDICT_BODY, _images_from_request, _top_k_value
+from service.rest.routing import InferenceRoute
 from service.rest.schemas import ErrorResponse, ImagePrediction
 
-router = APIRouter(tags=["explanations"])
+router = APIRouter(tags=["explanations"], route_class=InferenceRoute)
 
 
 class ModelInput(BaseModel):
@@ -67,14 +68,14 @@ def _target(value: str | None) -> int | None:
 async def _explain(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
-    mv = dataplane.version(name, version)
-    dataplane.admit(mv)  # 404, 503 before reading a large body
-    images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
-    if len(images) != 1:
-        raise InvalidInput(f"explain takes exactly one image, got {len(images)}")
-    k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
-    target = _target(request.query_params.get("target"))
-    return json_response(await explain(dataplane, mv, images[0], k, target, disconnect_probe(request)))
+    async with dataplane.admitted(name, version) as mv:  # 404, 503 before reading a large body
+        images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
+        if len(images) != 1:
+            raise InvalidInput(f"explain takes exactly one image, got {len(images)}")
+        k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
+        target = _target(request.query_params.get("target"))
+        explanation = await explain(dataplane, mv, images[0], k, target, disconnect_probe(request))
+    return json_response(explanation)
 
 
 @router.post("/models/{name}/explain", response_model=None, responses={200: {"model": ExplainResponse},
