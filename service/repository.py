@@ -157,6 +157,7 @@ class ModelVersion:
                 "model": self.name, "version": self.version, "requests": self._holders})
         await self.batcher.close()
         self.runtime.close()
+        self.metrics.queue_depth.set_function(lambda: 0)  # drops the gauge's reference to this version
         for release in self._on_close:
             release()
         if was_ready:
