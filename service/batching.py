@@ -286,7 +286,7 @@ class Batcher:
             if now > item.deadline:
                 waited = min(self.config.timeout_s, item.deadline - item.enqueued)
                 item.future.set_exception(DeadlineExceeded(
-                    f"request waited longer than {waited:g}s in the queue of {self._name}"))
+                    f"request waited longer than {waited:.3g}s in the queue of {self._name}"))
                 continue
             batch.append(item)
             rows += item.n

@@ -214,7 +214,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _repository_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> str:
-    if request.parameters:  # Triton lets load carry a config or files; we only ever read the model repository
+    # Triton lets load carry a config or files; we only ever read the model repository. unload_dependents (which
+    # tritonclient always sends) concerns ensembles, which have no dependents here.
+    if set(request.parameters) - {"unload_dependents"}:
         raise InvalidInput("load and unload take no parameters: models are only read from the model repository")
     if not valid_name(request.model_name):
         raise InvalidInput(f"invalid model name {request.model_name!r}: use letters, digits, '_', '-' and '.'")
