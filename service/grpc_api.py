@@ -64,6 +64,9 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+FIELD_DTYPES = {"bool_contents": np.bool_, "int_contents": np.int64, "int64_contents": np.int64,
+                "uint_contents": np.uint64, "uint64_contents": np.uint64, "fp32_contents": np.float32,
+                "fp64_contents": np.float64}
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -239,10 +242,12 @@ def _numeric_input(spec: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     values = getattr(spec.contents, field)
     if len(values) != count:
         raise InvalidInput(f"input {spec.name!r}: {len(values)} values for shape {shape} (expected {count})")
-    try:
-        array = np.array(values, dtype=dtype)
-    except (OverflowError, ValueError):
-        raise InvalidInput(f"input {spec.name!r}: a value does not fit {spec.datatype}") from None
+    array = np.array(values, dtype=FIELD_DTYPES[field])  # each typed field's own (wider) type
+    if dtype.kind in "iu" and array.size:
+        limits = np.iinfo(dtype)
+        if array.min() < limits.min or array.max() > limits.max:
+            raise InvalidInput(f"input {spec.name!r}: a value does not fit {spec.datatype}")
+    array = array.astype(dtype, copy=False)
     return shaped(array, shape, spec.name)
 
 
