@@ -60,9 +60,10 @@ COPY --chown=convserve:convserve models/ /models/
 USER convserve
 ENV CONVSERVE_HOST=0.0.0.0 \
     CONVSERVE_PORT=8000 \
+    CONVSERVE_GRPC_PORT=8001 \
     CONVSERVE_MODELS_DIR=/models \
     CONVSERVE_DRAIN_SECONDS=20
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 CMD ["python", "-m", "service", "--models-dir", "/models", "--host", "0.0.0.0", "--port", "8000"]

@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path, help="model repository (default: models, or CONVSERVE_MODELS_DIR)")
     parser.add_argument("--host", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default: 8000)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default: 8001; 0 disables gRPC)")
     parser.add_argument("--runtime", choices=["onnx", "tensorflow"], help="model backend (default: onnx)")
     parser.add_argument("--inference-threads", type=int, help="intra-op threads per model")
     parser.add_argument("--log-level", help="debug, info, warning or error")

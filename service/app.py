@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
-from service import __version__
+from service import __version__, grpc_api
 from service.dataplane import DataPlane
 from service.errors import (
     ServingError,
@@ -65,10 +65,14 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
             "models": {m.name: [s.to_dict() for s in m.statuses()] for m in repository.models()},
         })
         poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
+        grpc_server = await grpc_api.start_server(dataplane, metrics, settings,
+                                                  ready=lambda: app.state.ready and dataplane.ready())
         try:
             yield
         finally:
             app.state.ready = False
+            if grpc_server is not None:  # stop taking calls; those in flight get the drain time to finish
+                await grpc_server.stop(settings.drain_seconds)
             poller.cancel()
             await repository.close()
 
@@ -76,7 +80,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         title="convserve",
         version=__version__,
         description="Image classification models over REST: image uploads, the Open Inference Protocol "
-                    "(KServe v2) and the TensorFlow Serving REST API.",
+                    "(KServe v2) and the TensorFlow Serving REST API. The Open Inference Protocol is also served "
+                    "over gRPC (Triton's inference.GRPCInferenceService) on the gRPC port.",
         lifespan=lifespan,
     )
     app.state.settings = settings

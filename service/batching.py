@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,9 @@ Gone = Callable[[], bool]  # True once the client has disconnected
 Outputs = dict[str, np.ndarray]  # a model's outputs by name, each [rows, ...]
 Predict = Callable[[np.ndarray], Outputs]
 log = logging.getLogger("service.batching")
+client_deadline: ContextVar[float | None] = ContextVar("client_deadline", default=None)
+"""The caller's own deadline (``time.monotonic()``), when it has one tighter than ``timeout_s``: a gRPC client's.
+Set by the protocol for the request's task; a request still queued past it is dropped unrun."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,10 @@ class Batcher:
         if self._queued_rows + n > self.config.max_queue_size and self._queued_rows:
             raise Overloaded(f"model {self._name} is overloaded ({self._queued_rows} rows queued); retry later")
         now = time.monotonic()
+        deadline = now + self.config.timeout_s
+        own = client_deadline.get()
         item = _Item(n, rows, prepare, asyncio.get_running_loop().create_future(), now,
-                     now + self.config.timeout_s, gone)
+                     deadline if own is None else min(deadline, own), gone)
         self._queue.append(item)
         self._queued_rows += n
         self._idle.clear()
@@ -278,8 +284,9 @@ class Batcher:
                 item.future.set_exception(ClientDisconnected("client disconnected before the request ran"))
                 continue
             if now > item.deadline:
+                waited = min(self.config.timeout_s, item.deadline - item.enqueued)
                 item.future.set_exception(DeadlineExceeded(
-                    f"request waited longer than {self.config.timeout_s:g}s in the queue of {self._name}"))
+                    f"request waited longer than {waited:.3g}s in the queue of {self._name}"))
                 continue
             batch.append(item)
             rows += item.n

@@ -13,6 +13,7 @@ and the version it was admitted to stays loaded until the block ends.
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -22,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from service.batching import Gone, Outputs
-from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded, ServingError
+from service.errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    Forbidden,
+    InvalidInput,
+    Overloaded,
+    ServingError,
+    Unauthorized,
+)
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits, preprocess
 from service.repository import Model, ModelRepository, ModelVersion, VersionStatus
@@ -104,6 +113,17 @@ class DataPlane:
 
     def ready(self) -> bool:
         return self.repository.ready()
+
+    def authorize_admin(self, authorization: str) -> None:
+        """Check an ``Authorization`` value against the admin token (repository API): 401 or 403 unless it matches."""
+        token = self.settings.admin_token
+        if token is None or not token.get_secret_value():
+            raise Forbidden("the repository API is off; set CONVSERVE_ADMIN_TOKEN to enable it")
+        scheme, _, supplied = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not supplied:
+            raise Unauthorized("the repository API needs an 'Authorization: Bearer <token>' header")
+        if not hmac.compare_digest(supplied.strip().encode(), token.get_secret_value().encode()):
+            raise Forbidden("wrong admin token")
 
     # Inference ---------------------------------------------------------------------------------
 

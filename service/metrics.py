@@ -21,6 +21,12 @@ class Metrics:
                                      ["method", "route", "status"], registry=r)
         self.http_latency = Histogram("convserve_http_request_duration_seconds", "HTTP request latency",
                                       ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        # gRPC calls get their own series: their labels are the RPC and its status code name, not a route and an
+        # HTTP status, and summing them into the HTTP ones would hide which protocol clients use.
+        self.grpc_requests = Counter("convserve_grpc_requests_total", "gRPC calls by method and status code",
+                                     ["method", "code"], registry=r)
+        self.grpc_latency = Histogram("convserve_grpc_request_duration_seconds", "gRPC call latency", ["method"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
         labels = ["model", "version"]
         self.inference_requests = Counter("convserve_inference_requests_total", "Inference requests by outcome",
                                           [*labels, "outcome"], registry=r)

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     """Interface to bind. The default only accepts local clients; use 0.0.0.0 in a container."""
     port: int = Field(8000, ge=0, le=65535)
     """TCP port to listen on."""
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """TCP port of the Open Inference Protocol over gRPC (Triton's default, 8001), on the same host; 0 disables it."""
     runtime: Literal["onnx", "tensorflow"] = "onnx"
     """Backend that runs the models: ONNX Runtime, or TensorFlow SavedModel (needs the [tf] extra)."""
     inference_threads: int = Field(default_factory=lambda: max(1, available_cpus() // 2), ge=1)

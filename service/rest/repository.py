@@ -6,14 +6,13 @@ model's directory under ``models_dir``.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.dataplane import DataPlane
-from service.errors import Forbidden, InvalidInput, Unauthorized
+from service.errors import InvalidInput
 from service.repository import valid_name
 from service.responses import json_response
 from service.rest.body import parse_json, read_body
@@ -29,14 +28,7 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def authorize(request: Request) -> DataPlane:
     dataplane: DataPlane = request.app.state.dataplane
-    token = dataplane.settings.admin_token
-    if token is None or not token.get_secret_value():
-        raise Forbidden("the repository API is off; set CONVSERVE_ADMIN_TOKEN to enable it")
-    scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not supplied:
-        raise Unauthorized("the repository API needs an 'Authorization: Bearer <token>' header")
-    if not hmac.compare_digest(supplied.strip().encode(), token.get_secret_value().encode()):
-        raise Forbidden("wrong admin token")
+    dataplane.authorize_admin(request.headers.get("authorization", ""))
     return dataplane
 
 

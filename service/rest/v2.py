@@ -7,8 +7,6 @@ Supports JSON tensors (flat or nested ``data``), the binary tensor data extensio
 
 from __future__ import annotations
 
-import math
-import struct
 from typing import Any
 
 import numpy as np
@@ -17,25 +15,27 @@ from starlette.responses import Response
 
 from service import __version__
 from service.batching import Outputs
-from service.dataplane import DataPlane, ranked_classes
+from service.dataplane import DataPlane
 from service.errors import InvalidInput
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
 from service.rest.body import disconnect_probe, parse_json, read_body
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, ServerMetadata, V2InferRequest, V2InferResponse, V2ModelMetadata
+from service.v2_tensors import (
+    EXTENSIONS,
+    bytes_tensor,
+    classification,
+    element_count,
+    from_buffer,
+    output_tensor,
+    shaped,
+    tensor_dtype,
+)
 
 router = APIRouter(tags=["open inference protocol (v2)"], route_class=InferenceRoute)
 
 HEADER_LENGTH = "inference-header-content-length"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
-DATATYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(dtype) for name, dtype in (
-        ("BOOL", "bool"), ("UINT8", "uint8"), ("UINT16", "uint16"), ("UINT32", "uint32"), ("UINT64", "uint64"),
-        ("INT8", "int8"), ("INT16", "int16"), ("INT32", "int32"), ("INT64", "int64"),
-        ("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8"),
-    )
-}
 
 INFER_DOCS: dict[str, Any] = {
     "requestBody": {
@@ -66,14 +66,8 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
     name = spec.get("name")
     datatype = spec.get("datatype")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers")
-    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        raise InvalidInput(f"input {name!r}: unsupported datatype {datatype!r} "
-                           f"(supported: {', '.join(DATATYPES)})")
-    count = math.prod(shape)  # exact: an int64 product of a hostile shape could wrap around to a small number
+    count = element_count(name, shape)
+    dtype = tensor_dtype(name, datatype)
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput(f"input {name!r}: parameters must be an object")
@@ -81,10 +75,7 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the binary section")
-        if size != count * dtype.itemsize:
-            raise InvalidInput(f"input {name!r}: {size} bytes of binary data for shape {shape} "
-                               f"of {datatype} (expected {count * dtype.itemsize})")
-        return _shaped(np.frombuffer(binary[offset:offset + size], dtype=dtype), shape, name), offset + size
+        return from_buffer(name, datatype, shape, binary[offset:offset + size]), offset + size
     data = spec.get("data")
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r}: needs data (a list) or parameters.binary_data_size")
@@ -94,14 +85,7 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
         raise InvalidInput(f"input {name!r}: data is not a regular array of {datatype} values") from None
     if array.size != count:
         raise InvalidInput(f"input {name!r}: {array.size} values for shape {shape} (expected {count})")
-    return _shaped(array, shape, name), offset
-
-
-def _shaped(array: np.ndarray, shape: list[int], name: Any) -> np.ndarray:
-    try:
-        return array.reshape(shape)
-    except ValueError:  # an empty tensor whose other dimensions numpy cannot represent
-        raise InvalidInput(f"input {name!r}: shape {shape} is too large") from None
+    return shaped(array, shape, name), offset
 
 
 def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[str, bool, int]]:
@@ -130,41 +114,16 @@ def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[
 
 # --- Encoding responses ------------------------------------------------------------------------
 
-def _classification(mv: ModelVersion, name: str, scores: np.ndarray, k: int) -> np.ndarray:
-    """Triton's classification extension: the k best ``"score:index[:label]"`` per row of an output."""
-    if scores.ndim != 2:
-        raise InvalidInput(f"classification needs an output of shape [N, classes]; {name} has {list(scores.shape)}")
-    with_labels = name == mv.output.name  # the labels belong to the class-probabilities output
-    rows = [[f"{p[c]:f}:{c}:{mv.label(c)}" if with_labels else f"{p[c]:f}:{c}" for c in classes]
-            for p, classes in zip(scores.tolist(), ranked_classes(scores, k))]
-    return np.array(rows, dtype=object).reshape(len(rows), len(rows[0]) if rows else 0)
-
-
-V2_DATATYPE = {dtype: name for name, dtype in DATATYPES.items()}
-
-
-def _bytes_tensor(values: np.ndarray) -> bytes:
-    """Triton's BYTES serialisation: a 4-byte little-endian length before each element."""
-    parts = []
-    for value in values.ravel():
-        raw = value.encode() if isinstance(value, str) else bytes(value)
-        parts.append(struct.pack("<I", len(raw)))
-        parts.append(raw)
-    return b"".join(parts)
-
-
 def _infer_response(mv: ModelVersion, outputs: Outputs, payload: dict[str, Any]) -> Response:
     entries = []
     blobs: list[bytes] = []
     for name, binary, k in _requested_outputs(payload, mv):
         if k:
-            values = _classification(mv, name, outputs[name], k)
-            datatype, raw = "BYTES", _bytes_tensor(values) if binary else None
+            values = classification(mv, name, outputs[name], k)
+            datatype, raw = "BYTES", bytes_tensor(values) if binary else None
         else:
-            values = outputs[name]
-            dtype = values.dtype.newbyteorder("<") if values.dtype.byteorder == ">" else values.dtype
-            datatype = V2_DATATYPE[np.dtype(dtype)]
-            raw = values.astype(DATATYPES[datatype], copy=False).tobytes() if binary else None
+            datatype, values = output_tensor(outputs[name])
+            raw = values.tobytes() if binary else None
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
         if raw is not None:
             entry["parameters"] = {"binary_data_size": len(raw)}

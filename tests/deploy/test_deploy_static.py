@@ -79,7 +79,7 @@ def test_serve_has_no_tensorflow(dockerfile, repo_root):
 def test_serve_ports_env_models_healthcheck_and_cmd(dockerfile, exec_form_args, container_command,
                                                     settings_env_names):
     serve = dockerfile.stage("serve")
-    assert serve.all("EXPOSE") == ["8000"]
+    assert serve.all("EXPOSE") == ["8000 8001"]  # HTTP, gRPC
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(serve.all("ENV"))))
     assert env["CONVSERVE_HOST"] == "0.0.0.0"
     assert {k for k in env if k.startswith("CONVSERVE_")} <= settings_env_names
@@ -174,7 +174,7 @@ def test_compose_config_is_valid(compose_config):
 def test_compose_api(compose_config, container_command, settings_env_names):
     api = compose_config["services"]["api"]
     assert api["build"]["target"] == "serve"
-    assert api["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    assert api["ports"] == ["127.0.0.1:8000:8000/tcp", "127.0.0.1:8001:8001/tcp"]
     assert "models:/models:ro" in api["volumes"]
     env = api["environment"]
     assert set(env) <= settings_env_names

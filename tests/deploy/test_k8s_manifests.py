@@ -55,7 +55,7 @@ def test_deployment_probes_resources_and_scrape_annotations(manifests, app_paths
     for path in paths.values():
         assert "GET" in app_paths[path], path
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000}
+    assert ports == {"http": 8000, "grpc": 8001}
     for name in paths:
         assert container[name]["httpGet"]["port"] in ("http", 8000)
     for kind in ("requests", "limits"):
@@ -115,8 +115,10 @@ def test_service_selects_the_pods_and_targets_the_named_port(manifests):
     deployment, service = one(manifests, "Deployment"), one(manifests, "Service")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    (port,) = service["spec"]["ports"]
-    assert port["targetPort"] in {p["name"] for p in container_of(deployment)["ports"]}
+    named = {p["name"]: p["containerPort"] for p in container_of(deployment)["ports"]}
+    assert {(p["name"], p["targetPort"], p["port"]) for p in service["spec"]["ports"]} \
+        == {("http", "http", 8000), ("grpc", "grpc", 8001)}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(named)
 
 
 def test_hpa_scales_the_deployment_on_cpu(manifests):

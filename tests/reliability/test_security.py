@@ -18,6 +18,8 @@ from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 
 import service
+from service import grpc_api
+from service.dataplane import DataPlane
 from service.rest import repository as repository_api
 
 TOKEN = "s3cret-admin-token"
@@ -71,7 +73,10 @@ def test_admin_api_with_the_token_answers(admin_server, assert_still_serving):
 
 
 def test_admin_token_is_compared_in_constant_time():
-    source = inspect.getsource(repository_api.authorize)
+    # one check for both protocols: REST's authorize and the gRPC repository RPCs call DataPlane.authorize_admin
+    assert "authorize_admin(" in inspect.getsource(repository_api.authorize)
+    assert "authorize_admin(" in inspect.getsource(grpc_api.InferenceServicer._authorize)
+    source = inspect.getsource(DataPlane.authorize_admin)
     assert "hmac.compare_digest(" in source
     assert not re.search(r"(supplied|token\b[^\n]*)\s*[!=]=", source), "the token must not be compared with =="
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchingConfig
+from service.batching import Batcher, BatchingConfig, client_deadline
 from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded, ServingError
 
 
@@ -118,6 +118,24 @@ def test_request_past_its_deadline_is_not_executed():
 
     model = run(scenario())
     assert model.batches == [1]  # only the first request ran
+
+
+def test_a_tighter_client_deadline_is_the_queue_deadline():
+    """A gRPC client's own deadline (shorter than timeout_s) expires the request in the queue, unrun."""
+    async def scenario():
+        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1, timeout_s=30))
+        client_deadline.set(time.monotonic() + 0.05)
+        late = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.1)
+        model.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded, match=r"waited longer than 0\.0\d*s"):
+            await late
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert model.batches == [1]
 
 
 def test_abandoned_requests_are_skipped():
