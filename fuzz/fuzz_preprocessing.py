@@ -12,8 +12,8 @@ New interesting inputs go into the corpus directory, so repeating the command co
 instrumentation grows the process by a few KB per input: keep each run to a few minutes); a crash is written
 to ``crash-<sha1>`` in the working directory. See docs/reliability.md.
 
-``TestOneInput`` is also what tests/reliability/test_fuzz_preprocessing.py runs, without atheris, over mutated
-real images, so CI exercises the same oracle.
+``check``, the oracle behind ``TestOneInput``, is also what tests/reliability/test_fuzz_preprocessing.py runs,
+without atheris, over mutated real images, so CI exercises the same oracle.
 """
 
 from __future__ import annotations
@@ -32,16 +32,23 @@ LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1 << 22)
 SPECS = (ImageSpec(28, 28, 1, digit=True), ImageSpec(32, 32, 3), ImageSpec(28, 28, 1))
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 - the name libFuzzer and atheris expect
+def check(data: bytes) -> np.ndarray | None:
+    """The oracle: the model input row ``preprocess`` made of ``data``, or None if it refused the image with a
+    client error; any other exception, or a bad row, fails an assertion."""
     spec = SPECS[len(data) % len(SPECS)]  # the bytes themselves stay a valid image file
     try:
         row = preprocess(data, spec, LIMITS)
     except (InvalidInput, PayloadTooLarge):
-        return  # refused with a 4xx: the expected outcome for most mutated files
+        return None  # refused with a 4xx: the expected outcome for most mutated files
     assert row.shape == (spec.height, spec.width, spec.channels), row.shape
     assert row.dtype == np.float32, row.dtype
     assert np.isfinite(row).all(), "non-finite pixel values"
     assert row.min() >= 0.0 and row.max() <= 255.0, (row.min(), row.max())
+    return row
+
+
+def TestOneInput(data: bytes) -> None:  # noqa: N802 - the name libFuzzer and atheris expect
+    check(data)
 
 
 def main() -> None:

@@ -148,7 +148,8 @@ def test_real_prometheus_scrapes_the_service_and_evaluates_rules_and_dashboard_q
         missing = [name for name, result in results.items() if not result]
         assert not missing, f"no data for {missing}; prometheus log: {prometheus.log_path.read_text()[-2000:]}"
         assert float(results["requests"][0]["value"][1]) > 0
-        assert 0 < float(results["p99"][0]["value"][1]) <= 10
+        p99 = float(results["p99"][0]["value"][1])
+        assert math.isfinite(p99) and p99 > 0  # a quantile of real latencies; how fast is bench/'s business
 
         targets = httpx.get(f"{prometheus.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
         convserve = [t for t in targets if t["labels"]["job"] == "convserve"]

@@ -20,8 +20,10 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HARNESS = REPO_ROOT / "fuzz" / "fuzz_preprocessing.py"
-ITERATIONS = 20_000
-TIME_BUDGET_SECONDS = 30  # a busy CI machine stops early rather than late
+ITERATIONS = 20_000  # a fixed count, however fast the machine: pytest-timeout catches a hang
+# Mutations mostly break a file, but a fair share stays decodable (about 25% with this seed): an oracle that
+# refused nearly everything would not be exercising the preprocessing at all.
+MIN_ACCEPTED_SHARE = 0.1
 INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF)
 INTERESTING_INTS = (0, 1, 2, 0x7F, 0xFF, 0x100, 0x7FFF, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF)
 
@@ -79,35 +81,36 @@ def mutate(data: bytes, corpus: list[bytes], rng: random.Random) -> bytes:
 
 
 def test_seed_images_all_become_model_inputs(harness, seeds):
-    for data in seeds:
-        harness.TestOneInput(data)
+    refused = [i for i, data in enumerate(seeds) if harness.check(data) is None]
+    assert refused == [], f"seeds refused: {refused} of {len(seeds)}"
+    harness.TestOneInput(seeds[0])  # the atheris entry point runs the same oracle
 
 
 def test_mutated_images_are_preprocessed_or_refused_with_a_client_error(harness, seeds, tmp_path):
     rng = random.Random(20261123)
     failures: list[str] = []
     started = time.monotonic()
-    done = 0
+    done = accepted = 0
     rss_after_warm_up = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about each corrupt EXIF block it skips
-        while done < ITERATIONS and time.monotonic() - started < TIME_BUDGET_SECONDS:
+        while done < ITERATIONS:
             data = mutate(rng.choice(seeds), seeds, rng)
             done += 1
             if done == 1000:
                 rss_after_warm_up = rss_bytes()
             try:
-                harness.TestOneInput(data)
+                accepted += harness.check(data) is not None
             except Exception:  # anything but a 4xx refusal is a finding: keep the input to reproduce it
                 name = hashlib.sha1(data).hexdigest()[:12]
                 (tmp_path / f"crash-{name}").write_bytes(data)
                 failures.append(f"crash-{name}: {traceback.format_exc(limit=3)}")
     elapsed = time.monotonic() - started
     growth = rss_bytes() - rss_after_warm_up if rss_after_warm_up else 0
-    print(f"{done} mutated images in {elapsed:.1f}s, {len(failures)} findings (inputs kept in {tmp_path}), "
-          f"RSS growth after warm-up {growth / 2**20:.1f} MB")
-    assert done >= 1000
+    print(f"{done} mutated images in {elapsed:.1f}s, {accepted} accepted, {len(failures)} findings (inputs kept in "
+          f"{tmp_path}), RSS growth after warm-up {growth / 2**20:.1f} MB")
     assert failures == []
+    assert accepted >= MIN_ACCEPTED_SHARE * done, (accepted, done)
     assert growth < 50 * 2**20  # decoding leaks nothing: a long fuzz run's growth is the fuzzing engine's own
 
 
