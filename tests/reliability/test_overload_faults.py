@@ -15,13 +15,14 @@ import re
 import socket
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.support.waiting import wait_for
 
 ROWS = 64  # one request = one full batch of the bundled mnist (its config.pbtxt max_batch_size)
 SERIES = '{model="mnist",version="1"}'
@@ -60,15 +61,6 @@ def burst(url: str, content: bytes, headers: dict[str, str], clients: int) -> li
 
     with ThreadPoolExecutor(clients) as pool:
         return list(pool.map(call, range(clients)))
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,13 @@
 """Batching seen from HTTP: concurrent requests share batches, answers go to the right caller,
-and overload and deadlines are answered 503 and 504."""
+and overload and deadlines are answered 503 and 504.
+
+The tests that set a batching option serve a model without config.pbtxt (a model's config.pbtxt overrides the
+service settings), and check from ``convserve_batch_rows`` that the option was in effect."""
 
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,14 +15,37 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pytest
+
+from tests.support.waiting import wait_for
+
+SERIES = '{model="digits",version="2"}'
 
 
 def metric(text, name):
-    return float(re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE).group(1))
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def batch_rows(text: str) -> tuple[int, int, int]:
+    """(batches executed, rows computed, the largest batch's bucket bound) of digits:2, from /metrics."""
+    count = int(metric(text, f"convserve_batch_rows_count{SERIES}"))
+    bounds = [float(b) for b in re.findall(r'^convserve_batch_rows_bucket\{le="([0-9.]+)",model="digits",'
+                                           r'version="2"\} ', text, re.MULTILINE)]
+    largest = min(b for b in bounds if metric(text, f'convserve_batch_rows_bucket{{le="{b}",model="digits",'
+                                                    f'version="2"}}') == count) if count else 0
+    return count, int(metric(text, f"convserve_batch_rows_sum{SERIES}")), int(largest)
 
 
 def infer_json(x):
     return {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+@pytest.fixture()
+def unconfigured_repo(tmp_path, make_version):
+    """digits version 2 (the same tiny model as the shared repository's), with no config.pbtxt."""
+    make_version(tmp_path, "digits", 2, (28, 28, 1), [str(i) for i in range(10)], digit=True, seed=2)
+    return tmp_path
 
 
 def test_concurrent_callers_each_get_their_own_answer(server, model_repo):
@@ -38,26 +65,23 @@ def test_concurrent_callers_each_get_their_own_answer(server, model_repo):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_requests_waiting_together_share_a_batch(app_client_factory, model_repo):
-    client = app_client_factory(model_repo, max_batch_size=64)
-    slow_down(client, 0.05)  # while one batch computes, the others queue up
+def test_requests_waiting_together_share_a_batch_up_to_max_batch_size(app_client_factory, unconfigured_repo):
+    # The first request waits up to 10 s for company: the batch runs as soon as 64 rows (16 x 4) are queued.
+    client = app_client_factory(unconfigured_repo, max_batch_size=64, max_queue_delay_us=10_000_000)
     rng = np.random.default_rng(3)
-    inputs = [rng.integers(0, 256, (1 + i % 3, 28, 28, 1)).astype(np.float32) for i in range(12)]
-    session = ort.InferenceSession(str(model_repo / "digits" / "2" / "model.onnx"))
-    series = '{model="digits",version="2"}'
+    inputs = [rng.integers(0, 256, (4, 28, 28, 1)).astype(np.float32) for _ in range(16)]
+    session = ort.InferenceSession(str(unconfigured_repo / "digits" / "2" / "model.onnx"))
 
     def call(x):
         response = client.post("/v2/models/digits/infer", json=infer_json(x))
-        assert response.status_code == 200
+        assert response.status_code == 200, response.text
         return np.array(response.json()["outputs"][0]["data"]).reshape(len(x), 10)
 
-    with ThreadPoolExecutor(12) as pool:
+    with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(call, inputs))
     for x, got in zip(inputs, results):
         np.testing.assert_allclose(got, session.run(None, {"image": x})[0], atol=1e-6)
-    text = client.get("/metrics").text
-    assert metric(text, f"convserve_batch_rows_sum{series}") == sum(len(x) for x in inputs)
-    assert metric(text, f"convserve_batch_rows_count{series}") < len(inputs)  # mean batch > one request
+    assert batch_rows(client.get("/metrics").text) == (1, 64, 64)  # one batch of all 64 rows
 
 
 def slow_down(client, seconds, model="digits", version=2):
@@ -76,8 +100,9 @@ def infer_body(n=1):
     return {"inputs": [{"name": "image", "shape": [n, 28, 28, 1], "datatype": "FP32", "data": [0.0] * 784 * n}]}
 
 
-def test_full_queue_answers_503_with_retry_after_and_every_other_request_succeeds(app_client_factory, model_repo):
-    client = app_client_factory(model_repo, max_queue_size=4, max_batch_size=1)
+def test_full_queue_answers_503_with_retry_after_and_every_other_request_succeeds(app_client_factory,
+                                                                                   unconfigured_repo):
+    client = app_client_factory(unconfigured_repo, max_queue_size=4, max_batch_size=1)
     slow_down(client, 0.2)
     statuses: list[int] = []
     headers: list[httpx.Headers] = []
@@ -101,10 +126,11 @@ def test_full_queue_answers_503_with_retry_after_and_every_other_request_succeed
     text = client.get("/metrics").text
     assert metric(text, 'convserve_rejected_requests_total{model="digits",reason="queue_full",version="2"}') \
         == statuses.count(503)
+    assert batch_rows(text) == (statuses.count(200), statuses.count(200), 1)  # max_batch_size=1: one row each
 
 
-def test_request_past_its_deadline_answers_504(app_client_factory, model_repo):
-    client = app_client_factory(model_repo, request_timeout_seconds=0.1, max_batch_size=1)
+def test_request_past_its_deadline_answers_504(app_client_factory, unconfigured_repo):
+    client = app_client_factory(unconfigured_repo, request_timeout_seconds=0.1, max_batch_size=1)
     slow_down(client, 0.3)
     results = []
 
@@ -114,58 +140,86 @@ def test_request_past_its_deadline_answers_504(app_client_factory, model_repo):
     threads = [threading.Thread(target=call) for _ in range(3)]
     for thread in threads:
         thread.start()
-        time.sleep(0.02)
     for thread in threads:
         thread.join()
     statuses = sorted(r.status_code for r in results)
-    assert statuses[0] == 200 and 504 in statuses
-    late = next(r for r in results if r.status_code == 504)
-    assert "waited longer than 0.1s" in late.json()["error"]
+    # One batch of one row at a time, each taking 0.3 s: whichever runs first, the others wait past 0.1 s.
+    assert statuses == [200, 504, 504]
+    for late in (r for r in results if r.status_code == 504):
+        assert late.json() == {"error": "request waited longer than 0.1s in the queue of digits:2"}
+    assert batch_rows(client.get("/metrics").text) == (1, 1, 1)  # the late ones were never computed
 
 
-def test_zero_delay_and_batching_off_modes_answer_correctly(app_client_factory, model_repo):
-    for overrides in ({"max_queue_delay_us": 0}, {"batching": False}, {"max_queue_delay_us": 2000}):
-        client = app_client_factory(model_repo, **overrides)
-        response = client.post("/v2/models/digits/infer", json=infer_body(3))
-        assert response.status_code == 200 and response.json()["outputs"][0]["shape"] == [3, 10]
+@pytest.mark.parametrize("overrides", [{"max_queue_delay_us": 0}, {"batching": False},
+                                       {"max_queue_delay_us": 2000}], ids=["zero-delay", "off", "2ms-delay"])
+def test_zero_delay_and_batching_off_modes_answer_correctly(overrides, app_client_factory, unconfigured_repo):
+    client = app_client_factory(unconfigured_repo, **overrides)
+    session = ort.InferenceSession(str(unconfigured_repo / "digits" / "2" / "model.onnx"))
+    rng = np.random.default_rng(5)
+    inputs = [rng.integers(0, 256, (1 + i % 3, 28, 28, 1)).astype(np.float32) for i in range(8)]
+
+    def call(x):
+        response = client.post("/v2/models/digits/infer", json=infer_json(x))
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["shape"] == [len(x), 10]
+        return np.array(response.json()["outputs"][0]["data"]).reshape(len(x), 10)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, inputs))
+    for x, got in zip(inputs, results):
+        np.testing.assert_allclose(got, session.run(None, {"image": x})[0], atol=1e-6)
+    batches, rows, _ = batch_rows(client.get("/metrics").text)
+    assert rows == sum(len(x) for x in inputs)
+    if overrides.get("batching") is False:
+        assert batches == len(inputs)  # batching off: every request is a batch of its own
 
 
-def test_clients_that_disconnect_leave_nothing_behind(server, mnist_pngs):
-    import socket
-
+def test_clients_that_disconnect_leave_nothing_behind(server_factory, unconfigured_repo, mnist_pngs):
+    # A request waits up to 3 s in the queue for company: a client can hang up while its request is known to be queued.
+    server = server_factory(unconfigured_repo, CONVSERVE_MAX_BATCH_SIZE="1024", CONVSERVE_MAX_QUEUE_DELAY_US="3000000")
     image = mnist_pngs[0][0]
     host, port = "127.0.0.1", server.port
     for _ in range(5):  # gone mid-upload: the body never completes
         with socket.create_connection((host, port)) as s:
             s.sendall(b"POST /models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                       b"Content-Length: 100000\r\n\r\n" + image[:50])
-    for _ in range(5):  # gone while the request is being answered
-        with socket.create_connection((host, port)) as s:
-            s.sendall(b"POST /models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                      + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{server.url}/metrics").text
-        if metric(text, 'convserve_inflight_requests{model="digits",version="2"}') == 0:
-            break
-        time.sleep(0.1)
-    assert metric(text, 'convserve_inflight_requests{model="digits",version="2"}') == 0
-    assert metric(text, 'convserve_queue_rows{model="digits",version="2"}') == 0
-    response = httpx.post(f"{server.url}/models/digits/predict", content=image, headers={"content-type": "image/png"})
+    sockets = [socket.create_connection((host, port)) for _ in range(5)]
+    for s in sockets:  # gone while the request waits for its batch
+        s.sendall(b"POST /models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                  + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
+    assert wait_for(lambda: server.metric(f"convserve_queue_rows{SERIES}") == 5), server.metrics()
+    for s in sockets:
+        s.close()
+    abandoned = 'convserve_inference_requests_total{model="digits",outcome="abandoned",version="2"}'
+    assert wait_for(lambda: server.metric(abandoned) == 5), server.metrics()
+    assert wait_for(lambda: server.metric(f"convserve_inflight_requests{SERIES}") == 0)
+    assert server.metric(f"convserve_queue_rows{SERIES}") == 0
+    assert server.metric(f"convserve_batch_rows_count{SERIES}") == 0  # nothing computed for clients that left
+    assert "unhandled error" not in server.output()
+    response = httpx.post(f"{server.url}/models/digits/predict", content=image,
+                          headers={"content-type": "image/png"}, timeout=30)
     assert response.status_code == 200
 
 
-def test_full_queue_refuses_before_reading_the_body(app_client_factory, model_repo):
-    client = app_client_factory(model_repo, max_queue_size=1, max_batch_size=1)
-    slow_down(client, 0.5)
+def test_full_queue_refuses_before_reading_the_body(app_client_factory, unconfigured_repo):
+    client = app_client_factory(unconfigured_repo, max_queue_size=1, max_batch_size=1)
+    slow_down(client, 1.5)  # the running request holds the queue; the checks below do not wait for it
     threads = [threading.Thread(target=client.post, args=("/v2/models/digits/infer",), kwargs={"json": infer_body()})
                for _ in range(2)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.1)  # one running, one queued: the queue is full
+
+    def state(running, queued):
+        text = client.get("/metrics").text
+        return (metric(text, f"convserve_inflight_requests{SERIES}") == running + queued
+                and metric(text, f"convserve_queue_rows{SERIES}") == queued)
+
+    threads[0].start()
+    assert wait_for(lambda: state(running=1, queued=0))
+    threads[1].start()
+    assert wait_for(lambda: state(running=1, queued=1))  # the queue is full
     response = client.post("/v2/models/digits/infer", content=b"{not even json",
                            headers={"content-type": "application/json"})
     for thread in threads:
         thread.join()
     assert response.status_code == 503  # not 400: refused before the body was parsed
     assert response.headers["retry-after"] == "1"
+    assert response.json()["error"].startswith("model digits:2 is overloaded")

@@ -5,22 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 
 import httpx
 import pytest
 
+from tests.support.waiting import wait_for
+
 LABELS = [str(i) for i in range(10)]
 SHAPE = (28, 28, 1)
-
-
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def publish(root, make_version, name, version, seed=0, broken=False):
