@@ -20,6 +20,18 @@ def expected_probabilities(model_repo, name, version, images, spec):
     return session.run(None, {"image": rows})[0]
 
 
+DIGIT = ImageSpec(28, 28, 1, digit=True)
+
+
+def assert_top_k(prediction, probabilities, k):
+    """The prediction's top-k entries are the k most probable classes, in order, with their probabilities."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    assert [entry["class_id"] for entry in prediction["top_k"]] == order.tolist()
+    assert [entry["label"] for entry in prediction["top_k"]] == [str(i) for i in order]
+    np.testing.assert_allclose([entry["score"] for entry in prediction["top_k"]], probabilities[order], atol=1e-6)
+    assert prediction["class_id"] == int(order[0]) and prediction["score"] == prediction["top_k"][0]["score"]
+
+
 def test_predict_multipart_file_returns_prediction_of_newest_version(client, model_repo, mnist_pngs):
     image, _ = mnist_pngs[0]
     response = client.post("/models/digits/predict", files={"file": ("d.png", image, "image/png")})
@@ -48,33 +60,45 @@ def test_predict_many_files_answers_in_input_order_whatever_the_field_names(clie
     assert got == expected.argmax(axis=1).tolist()
 
 
-def test_predict_raw_image_body(client, mnist_pngs):
+def test_predict_raw_image_body(client, model_repo, mnist_pngs):
     response = client.post("/models/digits/predict?top_k=2", content=mnist_pngs[1][0],
                            headers={"content-type": "image/png"})
     assert response.status_code == 200
-    assert len(response.json()["predictions"][0]["top_k"]) == 2
+    probabilities = expected_probabilities(model_repo, "digits", 2, [mnist_pngs[1][0]], DIGIT)[0]
+    assert_top_k(response.json()["predictions"][0], probabilities, 2)
 
 
-def test_predict_json_base64_images_with_top_k(client, mnist_pngs):
-    images = [base64.b64encode(img).decode() for img, _ in mnist_pngs[:3]]
-    response = client.post("/models/digits/predict", json={"images": images, "top_k": 3})
+def test_predict_json_base64_images_with_top_k(client, model_repo, mnist_pngs):
+    images = [img for img, _ in mnist_pngs[:3]]
+    response = client.post("/models/digits/predict",
+                           json={"images": [base64.b64encode(img).decode() for img in images], "top_k": 3})
     assert response.status_code == 200
     predictions = response.json()["predictions"]
-    assert len(predictions) == 3 and all(len(p["top_k"]) == 3 for p in predictions)
+    assert len(predictions) == 3
+    for prediction, probabilities in zip(predictions, expected_probabilities(model_repo, "digits", 2, images, DIGIT)):
+        assert_top_k(prediction, probabilities, 3)
 
 
-def test_predict_versioned_route_uses_that_version(client, mnist_pngs):
-    response = client.post("/models/digits/versions/1/predict", content=mnist_pngs[0][0],
-                           headers={"content-type": "image/png"})
+def test_predict_versioned_route_uses_that_version(client, model_repo, mnist_pngs):
+    image = mnist_pngs[0][0]
+    response = client.post("/models/digits/versions/1/predict", content=image, headers={"content-type": "image/png"})
     assert response.status_code == 200
     assert response.json()["version"] == 1
+    [v1], [v2] = (expected_probabilities(model_repo, "digits", v, [image], DIGIT) for v in (1, 2))
+    assert not np.allclose(v1, v2, atol=1e-3)  # the two versions disagree, so the answer tells which one ran
+    assert_top_k(response.json()["predictions"][0], v1, 5)
 
 
-def test_predict_rgb_model_accepts_jpeg(client, cifar_jpegs):
-    response = client.post("/models/colors/predict", files={"file": ("c.jpg", cifar_jpegs[0][0], "image/jpeg")})
+def test_predict_rgb_model_accepts_jpeg(client, model_repo, cifar_jpegs):
+    image = cifar_jpegs[0][0]
+    response = client.post("/models/colors/predict", files={"file": ("c.jpg", image, "image/jpeg")})
     assert response.status_code == 200
-    assert response.json()["predictions"][0]["label"] in {
-        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+    [probabilities] = expected_probabilities(model_repo, "colors", 1, [image], ImageSpec(32, 32, 3))
+    prediction = response.json()["predictions"][0]
+    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert prediction["class_id"] == int(probabilities.argmax())
+    assert prediction["label"] == labels[prediction["class_id"]]
+    assert abs(prediction["score"] - float(probabilities.max())) < 1e-6
 
 
 def test_list_models_shows_versions_state_and_input_spec(client):

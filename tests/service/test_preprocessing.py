@@ -25,7 +25,19 @@ def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"])
+# The colour (200, 50, 25) saved in each mode, and the pixel values each model input must get: (R, G, B) and gray.
+# Its luma (ITU-R 601-2, what Pillow's "L" uses) is 92. "1" and "P" are dithered (checked on average);
+# 16-bit is scaled from 65535, so 92 is nearly black; 32-bit "I" and "F" have no fixed range and are scaled
+# by their maximum, so a uniform image becomes white.
+MODE_VALUES = {
+    "1": ((92, 92, 92), 92), "L": ((92, 92, 92), 92), "LA": ((92, 92, 92), 92), "P": ((200, 50, 25), 92),
+    "RGB": ((200, 50, 25), 92), "RGBA": ((200, 50, 25), 92), "CMYK": ((200, 50, 25), 92),
+    "I;16": ((0, 0, 0), 0), "I": ((255, 255, 255), 255), "F": ((255, 255, 255), 255),
+}
+DITHERED = ("1", "P")
+
+
+@pytest.mark.parametrize("mode", list(MODE_VALUES))
 def test_every_mode_converts_to_rgb_and_gray(mode):
     img = Image.new("RGB", (40, 30), (200, 50, 25)).convert(mode)
     fmt = "TIFF" if mode in ("I;16", "I", "F", "CMYK") else "PNG"
@@ -33,8 +45,14 @@ def test_every_mode_converts_to_rgb_and_gray(mode):
     rgb = preprocess(data, RGB32, LIMITS)
     gray = preprocess(data, GRAY28, LIMITS)
     assert rgb.shape == (32, 32, 3) and rgb.dtype == np.float32
-    assert gray.shape == (28, 28, 1)
-    assert 0 <= rgb.min() and rgb.max() <= 255
+    assert gray.shape == (28, 28, 1) and gray.dtype == np.float32
+    (r, g, b), luma = MODE_VALUES[mode]
+    if mode in DITHERED:  # a pattern of palette colours whose average is the colour
+        np.testing.assert_allclose(rgb.mean(axis=(0, 1)), (r, g, b), atol=3)
+        assert gray.mean() == pytest.approx(luma, abs=3)
+    else:
+        assert np.unique(rgb.reshape(-1, 3), axis=0).tolist() == [[r, g, b]]
+        assert np.unique(gray).tolist() == [luma]
 
 
 def test_transparent_pixels_become_white():

@@ -7,6 +7,8 @@ import base64
 import numpy as np
 import onnxruntime as ort
 
+from service.preprocessing import ImageLimits, ImageSpec, preprocess
+
 
 def rows(n=2):
     return np.random.default_rng(1).integers(0, 256, (n, 28, 28, 1)).astype(np.float32)
@@ -61,13 +63,15 @@ def test_predict_columnar_format(client, model_repo):
     np.testing.assert_allclose(np.array(response.json()["outputs"]), reference(model_repo, 2, x), atol=1e-6)
 
 
-def test_predict_b64_encoded_images(client, mnist_pngs):
-    instances = [{"b64": base64.b64encode(img).decode()} for img, _ in mnist_pngs[:2]]
+def test_predict_b64_encoded_images(client, model_repo, mnist_pngs):
+    images = [img for img, _ in mnist_pngs[:2]]
+    instances = [{"b64": base64.b64encode(img).decode()} for img in images]
     response = client.post("/v1/models/digits:predict", json={"instances": instances})
     assert response.status_code == 200
-    predictions = response.json()["predictions"]
-    assert len(predictions) == 2 and len(predictions[0]) == 10
-    assert abs(sum(predictions[0]) - 1.0) < 1e-5
+    # The images go through the model's own preprocessing (a digit model: MNIST normalisation) first.
+    limits = ImageLimits(max_bytes=10 << 20, max_pixels=25_000_000)
+    x = np.stack([preprocess(img, ImageSpec(28, 28, 1, digit=True), limits) for img in images])
+    np.testing.assert_allclose(np.array(response.json()["predictions"]), reference(model_repo, 2, x), atol=1e-6)
 
 
 def test_predict_needs_instances_or_inputs(client):

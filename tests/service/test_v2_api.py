@@ -8,6 +8,8 @@ import struct
 import numpy as np
 import onnxruntime as ort
 
+from tests.support.checks import assert_classification
+
 
 def digits_batch(n=4, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 28, 28, 1)).astype(np.float32)
@@ -114,19 +116,21 @@ def test_infer_classification_extension_json(client, model_repo):
                "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}
     output = client.post("/v2/models/digits/infer", json=request).json()["outputs"][0]
     assert output["datatype"] == "BYTES" and output["shape"] == [2, 3]
-    probabilities = reference(model_repo, 2, rows)
-    score, index, label = output["data"][0].split(":")
-    assert int(index) == probabilities[0].argmax() and label == index
-    assert abs(float(score) - probabilities[0].max()) < 1e-5
+    assert_classification(np.array(output["data"]).reshape(2, 3).tolist(), reference(model_repo, 2, rows), 3)
 
 
-def test_infer_classification_extension_binary(client):
-    body, headers = binary_request(digits_batch(1), outputs=[
+def test_infer_classification_extension_binary(client, model_repo):
+    rows = digits_batch(2)
+    body, headers = binary_request(rows, outputs=[
         {"name": "probabilities", "parameters": {"classification": 2, "binary_data": True}}])
     header, blob = split_binary_response(client.post("/v2/models/digits/infer", content=body, headers=headers))
-    assert header["outputs"][0]["datatype"] == "BYTES"
-    (length,) = struct.unpack("<I", blob[:4])
-    assert blob[4:4 + length].decode().count(":") == 2
+    assert header["outputs"][0]["datatype"] == "BYTES" and header["outputs"][0]["shape"] == [2, 2]
+    entries = []
+    while blob:  # BYTES tensors in binary: each element a 4-byte little-endian length, then its bytes
+        (length,) = struct.unpack("<I", blob[:4])
+        entries.append(blob[4:4 + length].decode())
+        blob = blob[4 + length:]
+    assert_classification([entries[:2], entries[2:]], reference(model_repo, 2, rows), 2)
 
 
 # --- errors ------------------------------------------------------------------------------------
