@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from service.metrics import Metrics
 from service.model_config import ConfigError, config_version_policy, model_settings, read_model_config
 from service.repository import select_versions
 from service.settings import Settings
@@ -156,6 +155,25 @@ def test_missing_model_file_fails_the_version(tmp_path, make_version, app_client
 
 def test_unloaded_version_requests_are_not_ready(tmp_path, make_version, app_client_factory):
     make_version(tmp_path, "m", 1, SHAPE, LABELS, digit=True)
+    client = app_client_factory(tmp_path, admin_token="t0ken", repository_poll_seconds=0)
+    body = {"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "FP32", "data": [0.0] * 784}]}
+    assert client.get("/v2/models/m/versions/1/ready").status_code == 200
+    assert client.post("/v2/models/m/versions/1/infer", json=body).status_code == 200
+    make_version(tmp_path, "m", 2, SHAPE, LABELS, digit=True, seed=2)
+    # Loading version 2 unloads version 1 (the default policy serves the newest only).
+    assert client.post("/v2/repository/models/m/load", headers={"authorization": "Bearer t0ken"}).status_code == 200
+    gone = {"error": "model 'm' has no version 1"}
+    for response in (client.get("/v2/models/m/versions/1/ready"), client.get("/v2/models/m/versions/1"),
+                     client.post("/v2/models/m/versions/1/infer", json=body),
+                     client.post("/models/m/versions/1/predict", content=b"x", headers={"content-type": "image/png"}),
+                     client.get("/v1/models/m/versions/1"),
+                     client.post("/v1/models/m/versions/1:predict", json={"instances": [[0]]})):
+        assert (response.status_code, response.json()) == (404, gone), response.request.url
+    assert client.post("/v2/models/m/infer", json=body).json()["model_version"] == "2"
+
+
+def test_a_version_that_is_not_a_number_is_404(tmp_path, make_version, app_client_factory):
+    make_version(tmp_path, "m", 1, SHAPE, LABELS, digit=True)
     client = app_client_factory(tmp_path)
     assert client.get("/v2/models/m/versions/abc").status_code == 404
 
@@ -188,5 +206,12 @@ def test_tensorflow_runtime_serves_a_savedmodel(tmp_path, runtime):
     np.testing.assert_allclose(loaded.predict(x)["probabilities"], expected, atol=1e-6)
 
 
-def test_metrics_object_is_fresh_per_app():
-    assert Metrics().registry is not Metrics().registry
+def test_metrics_are_fresh_per_app(tmp_path, make_version, app_client_factory):
+    make_version(tmp_path, "m", 1, SHAPE, LABELS, digit=True)
+    busy, idle = app_client_factory(tmp_path), app_client_factory(tmp_path)
+    body = {"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "FP32", "data": [0.0] * 784}]}
+    for _ in range(3):
+        assert busy.post("/v2/models/m/infer", json=body).status_code == 200
+    series = 'convserve_inference_requests_total{model="m",outcome="success",version="1"}'
+    assert f"{series} 3.0" in busy.get("/metrics").text
+    assert f"{series} 0.0" in idle.get("/metrics").text  # the other app counted nothing
