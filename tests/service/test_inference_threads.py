@@ -1,0 +1,81 @@
+"""The inference-thread default: half the CPUs this process may use (its affinity mask, capped by a cgroup v2 CPU
+quota), at least one, and that number reaches ONNX Runtime as its intra-op thread count.
+
+The CPUs and the quota are made up (the affinity call and the cgroup file are replaced), and ONNX Runtime's
+session class is wrapped to record the options the service gives it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+
+import service.settings
+from service.app import create_app
+from service.settings import Settings
+from tests.support.models import write_digit_version
+
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+@pytest.fixture()
+def machine(monkeypatch, tmp_path):
+    """``machine(cpus, quota)``: this process may use ``cpus`` CPUs; ``quota`` is cpu.max's content (None: no
+    cgroup file)."""
+
+    def set_up(cpus: int, quota: str | None) -> None:
+        monkeypatch.setattr(service.settings.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+        cpu_max = tmp_path / "cpu.max"
+        if quota is not None:
+            cpu_max.write_text(quota + "\n")
+        real_path = Path
+        monkeypatch.setattr(service.settings, "Path",
+                            lambda p, *rest: cpu_max if str(p) == CGROUP_CPU_MAX else real_path(p, *rest))
+
+    return set_up
+
+
+@pytest.fixture()
+def intra_op_threads(monkeypatch) -> list[int]:
+    """The intra-op thread count of every ONNX Runtime session created from now on."""
+    seen: list[int] = []
+
+    class RecordingSession(ort.InferenceSession):
+        def __init__(self, path, sess_options=None, *args, **kwargs):
+            seen.append(sess_options.intra_op_num_threads if sess_options is not None else 0)
+            super().__init__(path, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
+    return seen
+
+
+def serve(models_dir: Path) -> None:
+    """Start an app on ``models_dir`` with no thread count given, and see its model ready."""
+    with TestClient(create_app(Settings(models_dir=models_dir, access_log=False))) as client:
+        assert client.get("/v2/models/m/ready").status_code == 200
+
+
+@pytest.mark.parametrize(("cpus", "quota", "expected"), [
+    (8, None, 4),                 # no cgroup file: half the affinity mask
+    (8, "max 100000", 4),         # a cgroup without a quota
+    (16, "600000 100000", 3),     # a 6-CPU quota on a 16-CPU machine: half the quota
+    (8, "150000 100000", 1),      # 1.5 CPUs round down to one, half of it is still one
+    (1, None, 1),                 # never zero
+])
+def test_default_is_half_the_usable_cpus_and_reaches_onnx_runtime(cpus, quota, expected, machine, intra_op_threads,
+                                                                    monkeypatch, tmp_path):
+    monkeypatch.delenv("CONVSERVE_INFERENCE_THREADS", raising=False)
+    machine(cpus, quota)
+    write_digit_version(tmp_path / "models", "m", 1)
+    serve(tmp_path / "models")
+    assert intra_op_threads == [expected]
+
+
+def test_the_environment_overrides_the_default(machine, intra_op_threads, monkeypatch, tmp_path):
+    machine(8, None)
+    monkeypatch.setenv("CONVSERVE_INFERENCE_THREADS", "3")
+    write_digit_version(tmp_path / "models", "m", 1)
+    serve(tmp_path / "models")
+    assert intra_op_threads == [3]
