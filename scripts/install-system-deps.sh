@@ -1,42 +1,55 @@
 #!/usr/bin/env bash
 # Debian packages the end-to-end tests use: a real Prometheus (and promtool), Chromium with its
 # WebDriver for the web page, and docker-compose for validating the compose file.
-# Installs what is missing when run as root (or with passwordless sudo); otherwise says what is
-# missing, and the tests that need it skip with that reason. As root it also stops and disables the
-# packaged prometheus system service (the tests start their own Prometheus).
+# Installs what is missing when run as root (or with passwordless sudo). As root it also stops and
+# disables the packaged prometheus system service (the tests start their own Prometheus).
 # SKIP_SYSTEM_DEPS=1 (`make test SKIP_SYSTEM_DEPS=1`) leaves the system alone: nothing is installed or stopped.
+# What stays missing is named: on a developer's machine the tests that need it skip with that reason,
+# and this exits 0; under CI (CI=true) nothing may be skipped, so this exits 1 (and those tests fail).
 set -u
-if [ "${SKIP_SYSTEM_DEPS:-0}" = 1 ]; then
-    echo "system-deps: skipped (SKIP_SYSTEM_DEPS=1); tests needing missing packages will skip" >&2
-    exit 0
-fi
 PACKAGES=(prometheus chromium chromium-driver docker-compose)
 COMMANDS=(prometheus chromium chromedriver docker-compose)
 
-missing=()
-for i in "${!PACKAGES[@]}"; do
-    command -v "${COMMANDS[$i]}" >/dev/null 2>&1 || missing+=("${PACKAGES[$i]}")
-done
-[ ${#missing[@]} -eq 0 ] && exit 0
+find_missing() {
+    missing=()
+    for i in "${!PACKAGES[@]}"; do
+        command -v "${COMMANDS[$i]}" >/dev/null 2>&1 || missing+=("${PACKAGES[$i]}")
+    done
+}
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "system-deps: no apt-get; tests needing ${missing[*]} will skip" >&2
+give_up() {  # $1: why the missing packages are not installed
+    case "${CI:-}" in
+        true|TRUE|True|1|yes)
+            echo "system-deps: $1; CI=true, so this fails the run (missing: ${missing[*]})" >&2
+            exit 1 ;;
+    esac
+    echo "system-deps: $1; tests needing ${missing[*]} will skip" >&2
+    exit 0
+}
+
+find_missing
+if [ "${SKIP_SYSTEM_DEPS:-0}" = 1 ]; then
+    [ ${#missing[@]} -eq 0 ] || give_up "skipped (SKIP_SYSTEM_DEPS=1)"
+    echo "system-deps: skipped (SKIP_SYSTEM_DEPS=1)" >&2
     exit 0
 fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+command -v apt-get >/dev/null 2>&1 || give_up "no apt-get"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
-        echo "system-deps: not root; install ${missing[*]} to run every test" >&2
-        exit 0
+        give_up "not root and no passwordless sudo"
     fi
 fi
 export DEBIAN_FRONTEND=noninteractive
 echo "system-deps: installing ${missing[*]}" >&2
 if ! $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
     $SUDO apt-get update -q >/dev/null 2>&1
-    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
-        || echo "system-deps: could not install ${missing[*]}; tests needing them will skip" >&2
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1
 fi
 # The Debian prometheus package starts a system service; the tests run their own.
 if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+find_missing
+[ ${#missing[@]} -eq 0 ] || give_up "could not install them"
 exit 0

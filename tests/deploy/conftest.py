@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.support.missing import missing
 from tests.support.models import write_digit_version
 from tests.support.server import ServiceProcess, free_port
 
@@ -137,7 +138,7 @@ def prometheus_package_binary(name: str) -> str:
     """The path of a binary from Debian's prometheus package, or a skip saying how to install it."""
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (make system-deps installs the prometheus package)")
+        missing(f"{name} is not installed (make system-deps installs the prometheus package)")
     return path
 
 
@@ -209,7 +210,7 @@ def bundled_mnist_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     does not match its sha256, so both a working model and a load failure are there to observe."""
     source = REPO_ROOT / "models" / "mnist"
     if not (source / "1" / "model.onnx").is_file():
-        pytest.skip("the bundled models/mnist/1 is not in this checkout")
+        missing("the bundled models/mnist/1 is not in this checkout")
     root = tmp_path_factory.mktemp("models-mnist")
     for version in ("1", "2"):
         (root / "mnist" / version).mkdir(parents=True)

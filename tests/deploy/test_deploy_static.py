@@ -11,6 +11,8 @@ import tomllib
 import pytest
 import yaml
 
+from tests.support.missing import missing
+
 
 def project_dependencies(repo_root) -> tuple[list[str], list[str]]:
     """pyproject.toml's base dependencies and its [train] extra."""
@@ -153,7 +155,7 @@ def compose(repo_root, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def compose_config(repo_root) -> dict:
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose is not installed (make system-deps installs it)")
+        missing("docker-compose is not installed (make system-deps installs it)")
     if (repo_root / ".env").exists():
         pytest.skip("a local .env would change the compose defaults under test")
     result = compose(repo_root, "config")

@@ -60,3 +60,14 @@ def test_skip_system_deps_leaves_the_machine_alone(root_machine, how):
 def test_the_readme_says_so():
     readme = (REPO_ROOT / "README.md").read_text()
     assert "SKIP_SYSTEM_DEPS=1" in readme and "prometheus" in readme.split("## Endpoints")[0]
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["install fails", "SKIP_SYSTEM_DEPS=1"])
+def test_under_ci_packages_that_stay_missing_fail_the_step(root_machine, skip):
+    # The stand-in apt-get installs nothing: the packages are still missing afterwards.
+    env = {**root_machine, "CI": "true", **({"SKIP_SYSTEM_DEPS": "1"} if skip else {})}
+    result = subprocess.run([shutil.which("make"), "-s", "-C", str(REPO_ROOT), "system-deps"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "CI=true, so this fails the run (missing: prometheus chromium chromium-driver docker-compose)" \
+        in result.stderr

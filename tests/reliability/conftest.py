@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.missing import missing
 from tests.support.models import tiny_classifier, write_digit_version
 from tests.support.server import ServiceProcess
 
@@ -38,7 +39,7 @@ SERVER_ENV = {"CONVSERVE_ACCESS_LOG": "false", "CONVSERVE_REPOSITORY_POLL_SECOND
 def copy_bundled_mnist(root: Path) -> Path:
     """Copy the trained models/mnist (config, labels, each version's model.onnx and metadata.json) under root."""
     if not (BUNDLED_MNIST / "1" / "model.onnx").is_file():
-        pytest.skip("the bundled models/mnist/1 is not in this checkout")
+        missing("the bundled models/mnist/1 is not in this checkout")
     target = root / "mnist"
     target.mkdir(parents=True)
     for name in ("config.pbtxt", "labels.txt"):
@@ -55,7 +56,7 @@ def copy_bundled_mnist(root: Path) -> Path:
 def mnist_version_files() -> dict[str, bytes]:
     """The bundled mnist version 1's model.onnx and metadata.json, to publish as new versions."""
     if not (BUNDLED_MNIST / "1" / "model.onnx").is_file():
-        pytest.skip("the bundled models/mnist/1 is not in this checkout")
+        missing("the bundled models/mnist/1 is not in this checkout")
     return {name: (BUNDLED_MNIST / "1" / name).read_bytes() for name in ("model.onnx", "metadata.json")}
 
 

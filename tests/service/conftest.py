@@ -14,6 +14,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
+from tests.support.missing import missing
 from tests.support.models import CIFAR10_LABELS, DIGIT_LABELS, write_version
 from tests.support.server import ServiceProcess
 
@@ -91,7 +92,7 @@ def server(model_repo: Path) -> Iterator[ServiceProcess]:
 @pytest.fixture(scope="session")
 def bundled_mnist() -> Path:
     if not (BUNDLED_MODELS / "mnist").is_dir():
-        pytest.skip("the bundled models/mnist is not in this checkout")
+        missing("the bundled models/mnist is not in this checkout")
     return BUNDLED_MODELS
 
 

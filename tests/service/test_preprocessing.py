@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +10,12 @@ from PIL import Image
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.preprocessing import ImageLimits, ImageSpec, decode_image, normalise_digit, preprocess
+from tests.support.missing import local_datasets, missing
 
 LIMITS = ImageLimits(max_bytes=10_000_000, max_pixels=50_000_000)
 RGB32 = ImageSpec(32, 32, 3)
 GRAY28 = ImageSpec(28, 28, 1)
 DIGIT = ImageSpec(28, 28, 1, digit=True)
-SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mnist.npz"
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -158,9 +157,10 @@ def photo_like(digit: np.ndarray, rng: np.random.Generator) -> bytes:
 def test_photo_like_mnist_digits_are_classified_as_well_as_the_originals(bundled_mnist):
     import onnxruntime as ort
 
-    if not SHARED_MNIST.exists():
-        pytest.skip("needs the MNIST test set (../shared/datasets/mnist.npz)")
-    with np.load(SHARED_MNIST) as data:
+    mnist = local_datasets() / "mnist.npz"  # CONVSERVE_DATA_DIR or ../shared/datasets
+    if not mnist.is_file():
+        missing(f"needs the MNIST test set ({mnist})")
+    with np.load(mnist) as data:
         digits, labels = data["x_test"][:300], data["y_test"][:300]
     versions = sorted((bundled_mnist / "mnist").glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name))
     session = ort.InferenceSession(str(versions[-1]))

@@ -9,6 +9,7 @@ import pytest
 from service.model_config import ConfigError, config_version_policy, model_settings, read_model_config
 from service.repository import select_versions
 from service.settings import Settings
+from tests.support.missing import require_module
 
 LABELS = [str(i) for i in range(10)]
 SHAPE = (28, 28, 1)
@@ -186,7 +187,7 @@ def test_empty_models_dir_serves_nothing_but_stays_up(tmp_path, app_client_facto
 
 @pytest.mark.parametrize("runtime", ["tensorflow"])
 def test_tensorflow_runtime_serves_a_savedmodel(tmp_path, runtime):
-    pytest.importorskip("tensorflow")
+    require_module("tensorflow", "the TensorFlow runtime needs the [tf] extra")
     import numpy as np
     import tensorflow as tf
 

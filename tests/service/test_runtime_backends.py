@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from service.preprocessing import ImageLimits, ImageSpec, preprocess
+from tests.support.missing import require_module
 from tests.support.server import ServiceProcess, free_port
 
 # `python -c` this, then the service's own arguments: `import tensorflow` (and keras, which would bring it in)
@@ -75,7 +76,7 @@ def test_onnx_runtime_serves_where_tensorflow_cannot_be_imported(mnist_only, mni
 
 
 def test_tensorflow_runtime_serves_the_bundled_savedmodel_over_http(mnist_only, mnist_pngs, tmp_path):
-    pytest.importorskip("tensorflow", reason="CONVSERVE_RUNTIME=tensorflow needs the [tf] extra")
+    require_module("tensorflow", "CONVSERVE_RUNTIME=tensorflow needs the [tf] extra")
     server = ServiceProcess(mnist_only, tmp_path, {**SERVER_ENV, "CONVSERVE_RUNTIME": "tensorflow"}, timeout=180)
     try:
         assert httpx.get(f"{server.url}/v2/models/mnist", timeout=10).json()["platform"] == "tensorflow_savedmodel"

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+from tests.support.missing import local_datasets
 
 # The tiny class-folder tree: folder names are created out of order on purpose, so the tests
 # can check that labels come from the *sorted* folder names.
@@ -44,17 +43,8 @@ def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The local copies of MNIST, Fashion-MNIST and CIFAR-10 (see ../shared/datasets/README.md)."""
-    configured = os.environ.get("CONVSERVE_DATA_DIR")
-    if configured:
-        path = Path(configured)
-        if not path.is_dir():
-            pytest.skip(f"no local datasets: CONVSERVE_DATA_DIR={configured} is not a directory")
-        return path
-    if SHARED_DATASETS.is_dir():
-        return SHARED_DATASETS
-    pytest.skip("no local datasets: set CONVSERVE_DATA_DIR or provide ../shared/datasets "
-                "(these tests never download through the network)")
+    """The local copies of MNIST, Fashion-MNIST and CIFAR-10 (CONVSERVE_DATA_DIR or ../shared/datasets)."""
+    return local_datasets()
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.missing import missing, require_module
 from tests.support.server import ServiceProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ def web_models(tmp_path_factory: pytest.TempPathFactory) -> WebModels:
     """mnist from models/ (symlinked, never written), plus models/cifar10 if it has been published,
     otherwise a tiny RGB model built here."""
     if not _has_version(BUNDLED_MODELS / "mnist"):
-        pytest.skip("the bundled models/mnist has no published version in this checkout")
+        missing("the bundled models/mnist has no published version in this checkout")
     root = tmp_path_factory.mktemp("web-models")
     (root / "mnist").symlink_to(BUNDLED_MODELS / "mnist", target_is_directory=True)
     if _has_version(BUNDLED_MODELS / "cifar10"):
@@ -75,13 +76,13 @@ def web_server(web_models: WebModels, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def chrome(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Headless Chromium through the system chromedriver; always quit at the end."""
-    pytest.importorskip("selenium", reason="the browser tests need selenium (the [dev] extra)")
+    require_module("selenium", "the browser tests need selenium (the [dev] extra)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     for what, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)):
         if not (Path(path).is_file() and os.access(path, os.X_OK)):
-            pytest.skip(f"{what} is not installed at {path} (make system-deps installs it)")
+            missing(f"{what} is not installed at {path} (make system-deps installs it)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
