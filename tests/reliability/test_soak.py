@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.server import ServiceProcess
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOAK_SECONDS = float(os.environ.get("CONVSERVE_SOAK_SECONDS", "30"))
 WORKERS = 4
@@ -44,8 +46,13 @@ class Kind:
 
 
 @pytest.fixture(scope="module")
-def soak_server(start_server, models_root):
-    return start_server(models_root, CONVSERVE_MAX_BODY_BYTES=str(2 * 1024 * 1024))
+def soak_server(models_root, tmp_path_factory):
+    """Every setting at its default, as in production (the access log on, the repository polled every 5 s), but
+    for a small body limit that makes the over-limit kind cheap to send."""
+    server = ServiceProcess(models_root, tmp_path_factory.mktemp("soak-log"),
+                            {"CONVSERVE_MAX_BODY_BYTES": str(2 * 1024 * 1024)}, timeout=90)
+    yield server
+    server.stop()
 
 
 def build_kinds(digits: list[tuple[bytes, int]]) -> list[Kind]:
@@ -242,4 +249,7 @@ def test_mixed_load_soak_answers_everything_and_stays_flat(soak_server, digits, 
     assert total - requests_at_start > 100
     assert rss_end - rss_start < RSS_GROWTH_LIMIT, report
     assert fds_end - fds_start <= FD_GROWTH_LIMIT, report
+    # The access log (on by default) has one line per request (and the warm-up's, and the checks' above).
+    access_lines = server.output().count('"logger":"service.access"')
+    assert access_lines >= total, (access_lines, total)
     assert_still_serving(server)
