@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from tests.support.models import tiny_classifier, write_digit_version
 from tests.support.waiting import wait_for
@@ -74,15 +74,19 @@ def test_a_new_version_has_run_before_it_is_swapped_in_and_the_old_runtime_is_re
     assert sessions.refs[sessions.of(2)]() is not None
 
 
-def test_a_version_that_cannot_compute_a_batch_fails_its_warm_up_and_is_never_swapped_in(
-        tmp_path, app_client_factory):
+def test_a_version_that_cannot_compute_fails_its_warm_up_and_is_never_swapped_in(tmp_path, app_client_factory):
     write_digit_version(tmp_path, "m", 1, seed=1)
     client = app_client_factory(tmp_path, repository_poll_seconds=0.1)
-    # Version 2 loads (a valid graph, input and output as declared) but computes one row at a time only: its
-    # reshape is to [1, 784]. A one-row request would work; the warm-up's real-shaped batches do not.
+    # Version 2 loads (a valid graph, input and output shapes as declared) but no run succeeds: before its dense
+    # layer it gathers pixel 784 of a 784-pixel row, which only computing finds out.
     model = tiny_classifier(28, 28, 1, seed=2)
-    [flat_shape] = [t for t in model.graph.initializer if t.name == "flat_shape"]
-    flat_shape.CopyFrom(numpy_helper.from_array(np.array([1, 784], dtype=np.int64), "flat_shape"))
+    indices = np.arange(784, dtype=np.int64)
+    indices[-1] = 784
+    model.graph.initializer.append(numpy_helper.from_array(indices, "out_of_range"))
+    [matmul] = [node for node in model.graph.node if node.op_type == "MatMul"]
+    matmul.input[0] = "gathered"
+    model.graph.node.insert(list(model.graph.node).index(matmul),
+                            helper.make_node("Gather", ["flat", "out_of_range"], ["gathered"], axis=1))
     directory = write_digit_version(tmp_path / ".staging", "m", 2)
     onnx.save(model, directory / "model.onnx")
     directory.rename(tmp_path / "m" / "2")
