@@ -350,7 +350,7 @@ def test_a_request_whose_preprocessing_crashes_is_answered_500_and_its_batch_200
     server = ServiceProcess(models_root, tmp_path, env, argv=argv, port=port, timeout=90)
     try:
         buffer = io.BytesIO()
-        Image.new("L", (13, 17), 255).save(buffer, "PNG")
+        Image.new("RGB", (13, 17), (255, 255, 255)).save(buffer, "PNG")  # RGB: the digit model converts it to L
         bodies = [buffer.getvalue()] + [png for png, _ in digits[:3]]
         barrier = threading.Barrier(len(bodies))
 
