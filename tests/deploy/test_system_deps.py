@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.missing import missing
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECORDING_STUB = '#!/bin/bash\necho "$(basename "$0") $*" >> "$CALLS"\n'
 
@@ -20,7 +22,7 @@ RECORDING_STUB = '#!/bin/bash\necho "$(basename "$0") $*" >> "$CALLS"\n'
 def root_machine(tmp_path) -> dict[str, str]:
     """Environment of a root shell on a Debian machine with none of the packages: PATH is only stand-ins."""
     if shutil.which("make") is None:
-        pytest.skip("make is not installed")
+        missing("make is not installed")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "bash").symlink_to(shutil.which("bash"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.missing import missing
 from tests.support.server import ServiceProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +131,7 @@ def localise(code: str, ports: dict[str, int], datasets: Path | None) -> str:
     code = code.replace(".venv/bin/python", "python")
     if "../shared/datasets" in code:
         if datasets is None:
-            pytest.skip("no local datasets: set CONVSERVE_DATA_DIR or provide ../shared/datasets")
+            missing("no local datasets: set CONVSERVE_DATA_DIR or provide ../shared/datasets")
         code = code.replace("../shared/datasets", str(datasets))
     return code
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import threading
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import pytest
 from PIL import Image
 
 from service.explain import cached_feature_sessions
-from tests.service.conftest import BUNDLED_MODELS, REPO_ROOT, png_bytes
+from tests.service.conftest import BUNDLED_MODELS, png_bytes
+from tests.support.missing import local_datasets, missing
 from tests.support.models import DIGIT_LABELS
 
 MNIST_TEST_DIGITS = 50
@@ -36,10 +36,9 @@ def bundled(app_client_factory, bundled_mnist):
 @pytest.fixture(scope="module")
 def mnist_test_digits() -> tuple[np.ndarray, np.ndarray]:
     """The first MNIST test images and labels, from the local dataset copy (never downloaded)."""
-    data_dir = Path(os.environ.get("CONVSERVE_DATA_DIR") or REPO_ROOT.parent / "shared" / "datasets")
-    path = data_dir / "mnist.npz"
+    path = local_datasets() / "mnist.npz"
     if not path.is_file():
-        pytest.skip(f"no local MNIST: {path} (set CONVSERVE_DATA_DIR)")
+        missing(f"no local MNIST: {path} (set CONVSERVE_DATA_DIR)")
     with np.load(path) as data:
         return data["x_test"][:MNIST_TEST_DIGITS], data["y_test"][:MNIST_TEST_DIGITS]
 
