@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the end-to-end tests use: a real Prometheus (and promtool), Chromium with its
-# WebDriver for the web page, and docker-compose for validating the compose file.
+# WebDriver for the web page, docker-compose for validating the compose file, and podman with runc
+# and debootstrap for building and running the images (tests/deploy/test_containers.py;
+# debootstrap makes their base image, scripts/build-base-image.sh).
 # Installs what is missing when run as root (or with passwordless sudo); otherwise says what is
 # missing, and the tests that need it skip with that reason. As root it also stops and disables the
 # packaged prometheus system service (the tests start their own Prometheus).
@@ -10,12 +12,12 @@ if [ "${SKIP_SYSTEM_DEPS:-0}" = 1 ]; then
     echo "system-deps: skipped (SKIP_SYSTEM_DEPS=1); tests needing missing packages will skip" >&2
     exit 0
 fi
-PACKAGES=(prometheus chromium chromium-driver docker-compose)
-COMMANDS=(prometheus chromium chromedriver docker-compose)
+PACKAGES=(prometheus chromium chromium-driver docker-compose podman runc debootstrap)
+COMMANDS=(prometheus chromium chromedriver docker-compose podman runc debootstrap)
 
 missing=()
 for i in "${!PACKAGES[@]}"; do
-    command -v "${COMMANDS[$i]}" >/dev/null 2>&1 || missing+=("${PACKAGES[$i]}")
+    command -v "${COMMANDS[$i]}" >/dev/null 2>&1 || [ -x "/usr/sbin/${COMMANDS[$i]}" ] || missing+=("${PACKAGES[$i]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
