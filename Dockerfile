@@ -10,9 +10,15 @@
 #   compose `cpus:` or a Kubernetes CPU limit sizes it; CONVSERVE_INFERENCE_THREADS overrides it.
 #   SIGTERM (docker stop) drains in-flight requests for up to CONVSERVE_DRAIN_SECONDS (20), then exits 0.
 # train: TensorFlow + the training package; `python -m training` writes new versions to /models.
+#   `docker run --rm -v convserve-models:/models convserve-train train --recipe mnist` needs no other flag:
+#   CONVSERVE_MODELS_DIR=/models and CONVSERVE_RUNS_DIR=/runs are the CLI's defaults there.
 #
 # Dependencies are installed from pyproject.toml with empty stand-in packages, in a layer before the code
-# is copied, so editing the code does not reinstall them.
+# is copied, so editing the code does not reinstall them (the build tree's egg-info goes before the
+# uninstall: pip would otherwise find the stand-in there and uninstall nothing).
+#
+# No registry? scripts/build-base-image.sh builds a Debian bookworm base with debootstrap:
+#   docker build --build-arg PYTHON_IMAGE="$(scripts/build-base-image.sh)" -t convserve .
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -34,8 +40,9 @@ FROM base AS train
 COPY pyproject.toml ./
 RUN mkdir -p service training && touch README.md service/__init__.py training/__init__.py \
     && pip install '.[train]' \
+    && rm -rf build ./*.egg-info \
     && pip uninstall -y convserve \
-    && rm -rf README.md service training build ./*.egg-info
+    && rm -rf README.md service training
 COPY service/ service/
 COPY training/ training/
 # The bundled versions, so the shared models volume is seeded the same whichever image mounts it first.
@@ -44,6 +51,9 @@ COPY --chown=convserve:convserve models/ /models/
 # on both; a volume mounted where the image has no directory would be owned by root).
 RUN mkdir -p /runs /home/convserve/.keras && chown convserve:convserve /runs /home/convserve/.keras
 USER convserve
+# The CLI's default --models-dir and --runs-dir (the working directory, /app, is not the user's to write).
+ENV CONVSERVE_MODELS_DIR=/models \
+    CONVSERVE_RUNS_DIR=/runs
 VOLUME ["/runs"]
 ENTRYPOINT ["python", "-m", "training"]
 CMD ["--help"]
@@ -53,8 +63,9 @@ FROM base AS serve
 COPY pyproject.toml ./
 RUN mkdir -p service && touch README.md service/__init__.py \
     && pip install . \
+    && rm -rf build ./*.egg-info \
     && pip uninstall -y convserve \
-    && rm -rf README.md service build ./*.egg-info
+    && rm -rf README.md service
 COPY service/ service/
 COPY --chown=convserve:convserve models/ /models/
 USER convserve

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Debian packages the end-to-end tests use: a real Prometheus (and promtool), Chromium with its
-# WebDriver for the web page, and docker-compose for validating the compose file.
+# WebDriver for the web page, docker-compose for validating the compose file, and podman with runc
+# and debootstrap for building and running the images (tests/deploy/test_containers.py;
+# debootstrap makes their base image, scripts/build-base-image.sh).
 # Installs what is missing when run as root (or with passwordless sudo). As root it also stops and
 # disables the packaged prometheus system service (the tests start their own Prometheus).
 # SKIP_SYSTEM_DEPS=1 (`make test SKIP_SYSTEM_DEPS=1`) leaves the system alone: nothing is installed or stopped.
 # What stays missing is named: on a developer's machine the tests that need it skip with that reason,
 # and this exits 0; under CI (CI=true) nothing may be skipped, so this exits 1 (and those tests fail).
 set -u
-PACKAGES=(prometheus chromium chromium-driver docker-compose)
-COMMANDS=(prometheus chromium chromedriver docker-compose)
+PACKAGES=(prometheus chromium chromium-driver docker-compose podman runc debootstrap)
+COMMANDS=(prometheus chromium chromedriver docker-compose podman runc debootstrap)
 
 find_missing() {
     missing=()
     for i in "${!PACKAGES[@]}"; do
-        command -v "${COMMANDS[$i]}" >/dev/null 2>&1 || missing+=("${PACKAGES[$i]}")
+        command -v "${COMMANDS[$i]}" >/dev/null 2>&1 || [ -x "/usr/sbin/${COMMANDS[$i]}" ] \
+            || missing+=("${PACKAGES[$i]}")
     done
 }
 

@@ -20,6 +20,12 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="use at most N train and N test images (smoke runs)")
 
 
+def _default_dir(env: str, fallback: str) -> Path:
+    """A directory flag's default: the environment's (the train image sets /models and /runs, which its user can
+    write; the working directory there is not writable), else a path relative to the working directory."""
+    return Path(os.environ.get(env) or fallback)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Train, evaluate and export convserve models.")
@@ -29,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="which model to train")
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
     train.add_argument("--max-steps", type=int, default=None, help="at most N batches per epoch (smoke runs)")
-    train.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository to write to")
-    train.add_argument("--runs-dir", type=Path, default=Path("runs"),
-                       help="where TensorBoard logs and checkpoints go")
+    train.add_argument("--models-dir", type=Path, default=_default_dir("CONVSERVE_MODELS_DIR", "models"),
+                       help="model repository to write to (default: $CONVSERVE_MODELS_DIR, else models)")
+    train.add_argument("--runs-dir", type=Path, default=_default_dir("CONVSERVE_RUNS_DIR", "runs"),
+                       help="where TensorBoard logs and checkpoints go (default: $CONVSERVE_RUNS_DIR, else runs)")
     train.add_argument("--resume", type=Path, default=None,
                        help="continue an interrupted run from its directory (runs/<recipe>/<id>)")
     _add_data_args(train)
@@ -43,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a saved Keras checkpoint as the next model version")
     export.add_argument("--checkpoint", type=Path, required=True, help="a .keras file (e.g. runs/.../best.keras)")
     export.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="the recipe it was trained with")
-    export.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository to write to")
+    export.add_argument("--models-dir", type=Path, default=_default_dir("CONVSERVE_MODELS_DIR", "models"),
+                        help="model repository to write to (default: $CONVSERVE_MODELS_DIR, else models)")
     _add_data_args(export)
     return parser
 

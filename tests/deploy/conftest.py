@@ -11,7 +11,9 @@ import json
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.support.server import ServiceProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_DATA = REPO_ROOT / "tests" / "data"
+ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 
 # --- The Dockerfile ----------------------------------------------------------------------------
@@ -307,3 +310,52 @@ def promql_metric_names(expr: str) -> set[str]:
 def metric_names_in():
     """``metric_names_in(promql) -> {"convserve_...", ...}``"""
     return promql_metric_names
+
+
+# --- Container steps ---------------------------------------------------------------------------
+
+CONTAINER_STEPS = pytest.StashKey[list]()
+
+
+class ContainerSteps:
+    """The container tests' steps with their wall times (and notes such as image sizes): printed as they end,
+    past pytest's output capture, appended to test-artifacts/containers.log, and listed again in the terminal
+    summary, so a CI log shows where the minutes went."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.lines: list[str] = config.stash.setdefault(CONTAINER_STEPS, [])
+        self.capture = config.pluginmanager.getplugin("capturemanager")
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log = ARTIFACTS / "containers.log"
+        with self.log.open("a") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+        with self.log.open("a") as log:
+            log.write(line + "\n")
+        with self.capture.global_and_fixture_disabled():
+            print(f"\n[containers] {line}", flush=True)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.note(f"{name}: {time.monotonic() - start:.1f} s{'' if ok else ' (failed)'}")
+
+
+@pytest.fixture(scope="session")
+def container_steps(pytestconfig: pytest.Config) -> ContainerSteps:
+    return ContainerSteps(pytestconfig)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # noqa: ANN001 - pytest's hook
+    lines = config.stash.get(CONTAINER_STEPS, [])
+    if lines:
+        terminalreporter.section("containers: steps, wall times, image sizes")
+        for line in lines:
+            terminalreporter.write_line(line)
