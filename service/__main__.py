@@ -1,20 +1,27 @@
 """``python -m service``: start the server. Flags override the ``CONVSERVE_*`` settings.
 
-SIGTERM (``docker stop``, Kubernetes) drains: readiness fails at once, the listening socket closes, in-flight
-requests get up to ``drain_seconds`` to finish, the models unload, and the process exits 0.
+With ``--workers 1`` one process serves; with more (the default ``auto``: one per usable CPU) a supervisor
+runs that many workers on the one port (:mod:`service.workers`).
+
+SIGTERM (``docker stop``, Kubernetes) drains: readiness fails at once, requests are still accepted for
+``shutdown_delay_seconds`` (0 by default), then the listening socket closes, in-flight requests get up to
+``drain_seconds`` to finish, the models unload, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from service import workers
 from service.app import create_app
 from service.settings import Settings
 
@@ -35,32 +42,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="port to listen on (default: 8000)")
     parser.add_argument("--grpc-port", type=int, help="gRPC port (default: 8001; 0 disables gRPC)")
     parser.add_argument("--runtime", choices=["onnx", "tensorflow"], help="model backend (default: onnx)")
-    parser.add_argument("--inference-threads", type=int, help="intra-op threads per model")
+    parser.add_argument("--workers", help="worker processes: auto (one per usable CPU, the default) or a number")
+    parser.add_argument("--inference-threads", type=int, help="intra-op threads per model (0: per the workers)")
     parser.add_argument("--log-level", help="debug, info, warning or error")
     return parser.parse_args(argv)
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server (graceful shutdown: stop accepting, wait for in-flight requests), failing readiness first."""
+    """uvicorn's server (graceful shutdown: stop accepting, wait for in-flight requests), failing readiness
+    first and, with a shutdown delay, still accepting for that long."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_delay: float = 0.0) -> None:
         super().__init__(config)
         self.app = app
+        self.shutdown_delay = shutdown_delay
+        self._close_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.app.state.ready = False
+        if self.shutdown_delay > 0 and self._close_at is None:  # a second signal stops waiting
+            self._close_at = time.monotonic() + self.shutdown_delay
+            logging.getLogger("uvicorn.error").info(
+                "Received signal %d: readiness fails; still accepting for %g s", sig, self.shutdown_delay)
+            return
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._close_at is not None and time.monotonic() >= self._close_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
+    if settings.worker_count > 1:
+        sys.exit(workers.serve(settings, UVICORN_LOG_CONFIG))
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
                             timeout_graceful_shutdown=settings.drain_seconds)
-    server = Server(config, app)
+    server = Server(config, app, settings.shutdown_delay_seconds)
     # After its graceful shutdown uvicorn re-raises the signal into the handler that was there before it
     # started; with the default one a drained process would still die of SIGTERM (exit status 143).
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

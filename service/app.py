@@ -10,14 +10,16 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
 from service import __version__, grpc_api
+from service.cluster import Cluster, WorkerCluster
 from service.dataplane import DataPlane
 from service.errors import (
     ServingError,
@@ -27,7 +29,7 @@ from service.errors import (
     validation_error_handler,
 )
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware, configure_logging
+from service.middleware import DrainDeadlineMiddleware, RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
 from service.rest import explain, images, tfserving, v2, web
 from service.rest import repository as repository_api
@@ -48,31 +50,39 @@ async def _poll(repository: ModelRepository, seconds: float) -> None:
             log.exception("repository scan failed")
 
 
-def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
+               cluster_dir: Path | None = None) -> FastAPI:
+    """The app of one process; ``cluster_dir`` (set by the supervisor) makes it one of several workers."""
     settings = settings or Settings()
     metrics = metrics or Metrics()
     configure_logging(settings.log_level)
     repository = ModelRepository(settings, metrics)
     dataplane = DataPlane(repository, metrics, settings)
+    cluster = (Cluster(repository) if cluster_dir is None
+               else WorkerCluster(cluster_dir, repository, metrics, settings.worker_sync_seconds))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.perf_counter()
+        await cluster.join()
         await repository.refresh()
         app.state.ready = True
+        cluster.start(lambda: app.state.ready and repository.ready())
         log.info("models loaded", extra={
             "seconds": round(time.perf_counter() - started, 3),
             "models": {m.name: [s.to_dict() for s in m.statuses()] for m in repository.models()},
         })
         poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
-        grpc_server = await grpc_api.start_server(dataplane, metrics, settings,
-                                                  ready=lambda: app.state.ready and dataplane.ready())
+        grpc_server = await grpc_api.start_server(
+            dataplane, metrics, settings, ready=lambda: app.state.ready and dataplane.ready() and cluster.ready(),
+            cluster=cluster)
         try:
             yield
         finally:
             app.state.ready = False
             if grpc_server is not None:  # stop taking calls; those in flight get the drain time to finish
                 await grpc_server.stop(settings.drain_seconds)
+            await cluster.leave()
             poller.cancel()
             await repository.close()
 
@@ -87,6 +97,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.dataplane = dataplane
+    app.state.cluster = cluster
     app.state.ready = False
 
     app.include_router(images.router)
@@ -99,11 +110,12 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     @app.get("/metrics", include_in_schema=True, tags=["observability"], summary="Prometheus metrics",
              response_class=PlainTextResponse)  # documents the text exposition format, not JSON
     async def prometheus_metrics(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_exception_handler(ServingError, serving_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
+    app.add_middleware(DrainDeadlineMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app

@@ -28,6 +28,7 @@ import numpy as np
 
 from service import __version__
 from service.batching import client_deadline
+from service.cluster import Cluster
 from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput, ServingError
 from service.metrics import Metrics
@@ -104,8 +105,10 @@ def _rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, ready: Callable[[], bool],
+                 cluster: Cluster | None = None) -> None:
         self.dataplane = dataplane
+        self.cluster = cluster or Cluster(dataplane.repository)  # the worker processes' one model state
         self.metrics = metrics
         self.is_ready = ready
         self.log_requests = dataplane.settings.access_log
@@ -136,6 +139,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         try:
             ready, _ = self.dataplane.model_ready(request.name, request.version or None)
+            ready = ready and self.cluster.model_ready(request.name, request.version or None)  # every worker
         except ServingError as exc:
             if exc.status != 404:
                 raise
@@ -197,7 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         self._authorize(context)
         repository = self.dataplane.repository
-        await repository.refresh()  # the index also picks up what changed on disk
+        await self.cluster.apply("index")  # in every worker; also picks up what changed on disk
         entries = [e for e in await repository.index() if not request.ready or e["state"] == "READY"]
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
 
@@ -205,14 +209,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Any) -> pb.RepositoryModelLoadResponse:
         self._authorize(context)
-        await self.dataplane.repository.load(_repository_target(request))
+        await self.cluster.apply("load", _repository_target(request))  # in every worker
         return pb.RepositoryModelLoadResponse()
 
     @_rpc
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
         self._authorize(context)
-        await self.dataplane.repository.unload(_repository_target(request))
+        await self.cluster.apply("unload", _repository_target(request))  # in every worker
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -327,7 +331,7 @@ def _config_type(datatype: str) -> int:
 # --- Server ----------------------------------------------------------------------------------------
 
 async def start_server(dataplane: DataPlane, metrics: Metrics, settings: Settings,
-                       ready: Callable[[], bool]) -> grpc.aio.Server | None:
+                       ready: Callable[[], bool], cluster: Cluster | None = None) -> grpc.aio.Server | None:
     """Start serving on ``settings.grpc_port`` (None when it is 0), on the running event loop."""
     if not settings.grpc_port:
         return None
@@ -336,7 +340,7 @@ async def start_server(dataplane: DataPlane, metrics: Metrics, settings: Setting
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 1),  # several worker processes share the port, as they share the HTTP one
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, metrics, ready), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, metrics, ready, cluster), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()

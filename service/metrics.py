@@ -2,20 +2,38 @@
 
 Histograms (never summaries) so percentiles aggregate across replicas. Per-version label
 children are resolved once per model version (:class:`VersionMetrics`), not per request.
+
+With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor), every worker writes
+its values to files there and a scrape, answered by any worker, reads them all: counters and histograms
+are summed over workers (dead ones included, so they never go backwards), in-flight and queued rows are
+summed over live workers, loaded versions are the most any live worker has.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
+def multiprocess_dir() -> str | None:
+    """Where the workers' metric files are, when prometheus_client runs in multiprocess mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess_dir() is not None
+        # Multiprocess mode collects only written values, so gauges computed on scrape (set_function) are
+        # written by poll_functions() instead, on each worker's sync tick.
+        self._functions: dict[tuple[str, ...], tuple[Gauge, Callable[[], float]]] = {}
         r = self.registry
         self.http_requests = Counter("convserve_http_requests_total", "HTTP requests by route template and status",
                                      ["method", "route", "status"], registry=r)
@@ -42,8 +60,10 @@ class Metrics:
                                       buckets=ROW_BUCKETS, registry=r)
         self.batch_rows = Histogram("convserve_batch_rows", "Rows per executed batch", labels,
                                     buckets=ROW_BUCKETS, registry=r)
-        self.inflight = Gauge("convserve_inflight_requests", "Inference requests being handled", labels, registry=r)
-        self.queue_depth = Gauge("convserve_queue_rows", "Rows waiting in the batching queue", labels, registry=r)
+        self.inflight = Gauge("convserve_inflight_requests", "Inference requests being handled", labels,
+                              registry=r, multiprocess_mode="livesum")
+        self.queue_depth = Gauge("convserve_queue_rows", "Rows waiting in the batching queue", labels, registry=r,
+                                 multiprocess_mode="livesum")
         self.rejected = Counter("convserve_rejected_requests_total", "Requests refused before inference, by reason",
                                 [*labels, "reason"], registry=r)
         self.predicted_class = Counter("convserve_predicted_class_total", "Predicted (top-1) class counts",
@@ -56,12 +76,39 @@ class Metrics:
                                          "Time to answer an explanation, queue included", labels,
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.versions_loaded = Gauge("convserve_model_versions_loaded", "Versions of a model loaded and ready",
-                                     ["model"], registry=r)
+                                     ["model"], registry=r, multiprocess_mode="livemax")
         self.load_failures = Counter("convserve_model_load_failures_total", "Model versions that failed to load",
                                      ["model", "version"], registry=r)
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
+
+    def exposition(self) -> bytes:
+        """The text format of every series: this process's, or in multiprocess mode every worker's summed."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry)
+
+    def poll_functions(self) -> None:
+        """Write the current value of every function gauge (multiprocess mode only needs it)."""
+        for gauge, function in list(self._functions.values()):
+            gauge.set(function())
+
+
+class _FunctionGauge:
+    """A gauge child whose ``set_function`` also works in multiprocess mode (see :meth:`Metrics.poll_functions`)."""
+
+    def __init__(self, metrics: Metrics, child: Gauge, key: tuple[str, ...]) -> None:
+        self._metrics, self._child, self._key = metrics, child, key
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        if self._metrics.multiprocess:
+            self._metrics._functions[self._key] = (self._child, function)
+        else:
+            self._child.set_function(function)
 
 
 class VersionMetrics:
@@ -77,7 +124,7 @@ class VersionMetrics:
         self.batch_rows = metrics.batch_rows.labels(model, version)
         self.inflight = metrics.inflight.labels(model, version)
         self.confidence = metrics.confidence.labels(model, version)
-        self.queue_depth = metrics.queue_depth.labels(model, version)
+        self.queue_depth = _FunctionGauge(metrics, metrics.queue_depth.labels(model, version), ("queue", *self._labels))
         self.success = metrics.inference_requests.labels(model, version, "success")
         self._classes: dict[int, Counter] = {}
 

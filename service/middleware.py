@@ -5,6 +5,7 @@ Written against raw ASGI (not BaseHTTPMiddleware) because it wraps every request
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
+from service.responses import dumps
 
 access_log = logging.getLogger("service.access")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -34,6 +36,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            "pid": record.process,  # which worker, when there are several
         }
         entry.update({k: v for k, v in vars(record).items() if k not in self.RESERVED})
         if record.exc_info:
@@ -102,3 +105,35 @@ class RequestContextMiddleware:
                 "status": status, "duration_ms": round(elapsed * 1000, 3),
                 "client": (scope.get("client") or ("", 0))[0],
             })
+
+
+class DrainDeadlineMiddleware:
+    """On SIGTERM the server cancels what is still running after ``CONVSERVE_DRAIN_SECONDS``; such a request
+    gets a JSON 503 here, like every other error, instead of the server's plain-text 500."""
+
+    BODY = dumps({"error": "the server is shutting down and this request did not finish within its drain time; "
+                           "retry it"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if started:
+                raise  # half an answer cannot be taken back: the connection is closed
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(self.BODY)).encode()),
+                (b"retry-after", b"1"), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": self.BODY})

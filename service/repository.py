@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,6 +435,10 @@ class ModelRepository:
         async with self._lock:
             if name in self._models:
                 await self._drop(name)
+
+    def keep_unloaded(self, names: Iterable[str]) -> None:
+        """Models unloaded through the API (in another worker, before this one started): do not load them."""
+        self._unloaded.update(names)
 
     async def index(self) -> list[dict[str, Any]]:
         """Every model on disk and its versions' states (Triton's repository index)."""

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The forms of a version policy, as Triton's config.pbtxt has them: the newest N, every one, or a list.
@@ -44,8 +44,10 @@ class Settings(BaseSettings):
     """TCP port of the Open Inference Protocol over gRPC (Triton's default, 8001), on the same host; 0 disables it."""
     runtime: Literal["onnx", "tensorflow"] = "onnx"
     """Backend that runs the models: ONNX Runtime, or TensorFlow SavedModel (needs the [tf] extra)."""
-    inference_threads: int = Field(default_factory=lambda: max(1, available_cpus() // 2), ge=1)
-    """Threads each model's runtime may use for one batch (intra-op). Default: half the CPUs."""
+    workers: int | Literal["auto"] = "auto"
+    """Worker processes serving on the one port (auto: the usable CPUs; 1: a single process, no supervisor)."""
+    inference_threads: int = Field(0, ge=0)
+    """Threads each model's runtime may use for one batch (intra-op). 0: half the CPUs per worker, at least 1."""
     version_policy: str = "latest:1"
     """Versions to serve per model unless its config.pbtxt has a version_policy: latest:N, all, or specific:1,3."""
 
@@ -79,6 +81,11 @@ class Settings(BaseSettings):
     """Classes returned per image by the image endpoints when the request does not say."""
     drain_seconds: float = Field(20.0, ge=0)
     """On SIGTERM, longest wait for in-flight requests before exiting; keep below the orchestrator's grace period."""
+    shutdown_delay_seconds: float = Field(0.0, ge=0)
+    """On SIGTERM, how long to keep accepting requests with readiness failing before the listener closes
+    (Kubernetes removes a terminating pod from its Service a few seconds after the signal)."""
+    worker_sync_seconds: float = Field(60.0, gt=0)
+    """With several workers, how long a repository API call waits for every worker to apply it."""
 
     access_log: bool = True
     """Write one JSON log line per request."""
@@ -96,3 +103,18 @@ class Settings(BaseSettings):
             raise ValueError(f"CONVSERVE_VERSION_POLICY={value!r} is not a version policy: "
                              "use latest:N (N >= 1), all, or specific:V1,V2,...")
         return policy
+
+    @model_validator(mode="after")
+    def _split_cores(self) -> Settings:
+        """Workers x inference threads stay within the usable CPUs: half of them for inference by default,
+        the other half for HTTP and image decoding, which run beside it in every worker."""
+        if isinstance(self.workers, int) and self.workers < 1:
+            raise ValueError("workers must be 'auto' or at least 1")
+        if self.inference_threads == 0:
+            self.inference_threads = max(1, available_cpus() // (2 * self.worker_count))
+        return self
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` with ``auto`` resolved."""
+        return available_cpus() if self.workers == "auto" else self.workers

@@ -50,7 +50,7 @@ def _checked_name(name: str) -> str:
 async def repository_index(request: Request) -> Response:
     dataplane = authorize(request)
     payload = parse_json(await read_body(request, 64 * 1024) or b"{}")
-    await dataplane.repository.refresh()  # the index also picks up what changed on disk
+    await request.app.state.cluster.apply("index")  # in every worker; also picks up what changed on disk
     entries = await dataplane.repository.index()
     if isinstance(payload, dict) and payload.get("ready"):
         entries = [e for e in entries if e["state"] == "READY"]
@@ -60,16 +60,16 @@ async def repository_index(request: Request) -> Response:
 @router.post("/v2/repository/models/{name}/load", response_model=None, responses={**AUTH_ERRORS, **ERRORS},
              summary="(Re)load a model from its directory in the repository")
 async def repository_load(request: Request, name: str) -> Response:
-    dataplane = authorize(request)
+    authorize(request)
     await _no_request_parameters(request)
-    await dataplane.repository.load(_checked_name(name))
+    await request.app.state.cluster.apply("load", _checked_name(name))  # in every worker
     return json_response({})
 
 
 @router.post("/v2/repository/models/{name}/unload", response_model=None, responses={**AUTH_ERRORS, **ERRORS},
              summary="Unload every version of a model (in-flight requests finish first)")
 async def repository_unload(request: Request, name: str) -> Response:
-    dataplane = authorize(request)
+    authorize(request)
     await _no_request_parameters(request)
-    await dataplane.repository.unload(_checked_name(name))
+    await request.app.state.cluster.apply("unload", _checked_name(name))  # in every worker
     return json_response({})

@@ -174,7 +174,8 @@ async def live() -> Response:
 @router.get("/v2/health/ready", response_model=None, summary="Readiness: every model has a ready version",
             responses={503: {"description": "not ready"}})
 async def ready(request: Request) -> Response:
-    is_ready = request.app.state.ready and request.app.state.dataplane.ready()
+    state = request.app.state
+    is_ready = state.ready and state.dataplane.ready() and state.cluster.ready()  # every worker
     return json_response({"ready": bool(is_ready)}, status=200 if is_ready else 503)
 
 
@@ -193,6 +194,8 @@ async def model_version_metadata(request: Request, name: str, version: str) -> R
 async def _model_ready(request: Request, name: str, version: str | None) -> Response:
     """Ready or not; for a named version that is not, its state and (when it failed) the reason."""
     is_ready, status = request.app.state.dataplane.model_ready(name, version)
+    # Ready here is not enough with several workers: every one must serve it.
+    is_ready = is_ready and request.app.state.cluster.model_ready(name, version)
     body: dict[str, Any] = {"name": name, "ready": is_ready}
     if status is not None:
         body["version"] = str(status.version)

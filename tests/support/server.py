@@ -35,8 +35,8 @@ class ServiceProcess:
     ``log`` is a directory (the log is ``convserve-<port>.log`` in it; the temporary directory by default) or a
     file path. ``env`` overrides the environment (after ``CONVSERVE_INFERENCE_THREADS=1`` and
     ``CONVSERVE_QUEUE_TARGET_MS=0``: admission by queueing time has its own tests, and on a busy test
-    machine it would refuse requests the other tests count on). ``argv`` replaces
-    :func:`default_argv`; give the ``port`` it listens on with it.
+    machine it would refuse requests the other tests count on; ``CONVSERVE_WORKERS=1``: one process
+    unless a test asks for more). ``argv`` replaces :func:`default_argv`; give the ``port`` it listens on with it.
     """
 
     def __init__(self, models_dir: Path, log: Path | None = None, env: dict[str, str] | None = None,
@@ -51,7 +51,7 @@ class ServiceProcess:
         self.log = open(self.log_path, "w+")
         self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "CONVSERVE_INFERENCE_THREADS": "1",
-                                             "CONVSERVE_QUEUE_TARGET_MS": "0", **(env or {})})
+                                             "CONVSERVE_QUEUE_TARGET_MS": "0", "CONVSERVE_WORKERS": "1", **(env or {})})
         try:
             self.wait_until(wait_for, timeout)
         except BaseException:
