@@ -4,10 +4,11 @@
 #   docker build -t convserve-train --target train .        # `train`
 #
 # serve: ONNX Runtime + FastAPI only (pyproject.toml's base dependencies; no TensorFlow), the bundled
-#   models/ at /models, a non-root user, a HEALTHCHECK on /v2/health/ready. Threads: ONNX Runtime's
-#   intra-op pool defaults to half the CPUs the process may use, and service/settings.py
-#   available_cpus() caps that by the cgroup v2 quota (/sys/fs/cgroup/cpu.max), so `docker run --cpus 4`,
-#   compose `cpus:` or a Kubernetes CPU limit sizes it; CONVSERVE_INFERENCE_THREADS overrides it.
+#   models/ at /models, a non-root user, a HEALTHCHECK on /v2/health/ready. Processes and threads: one
+#   worker per usable CPU (CONVSERVE_WORKERS=auto) and ONNX Runtime intra-op threads so that workers x
+#   threads stay within them; service/settings.py available_cpus() caps the CPUs by the cgroup v2 quota
+#   (/sys/fs/cgroup/cpu.max), so `docker run --cpus 4`, compose `cpus:` or a Kubernetes CPU limit sizes both;
+#   CONVSERVE_WORKERS and CONVSERVE_INFERENCE_THREADS override them.
 #   SIGTERM (docker stop) drains in-flight requests for up to CONVSERVE_DRAIN_SECONDS (20), then exits 0.
 # train: TensorFlow + the training package; `python -m training` writes new versions to /models.
 #   `docker run --rm -v convserve-models:/models convserve-train train --recipe mnist` needs no other flag:

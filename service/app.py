@@ -67,11 +67,11 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
         await cluster.join()
         await repository.refresh()
         app.state.ready = True
-        cluster.start(lambda: app.state.ready and repository.ready())
         log.info("models loaded", extra={
             "seconds": round(time.perf_counter() - started, 3),
             "models": {m.name: [s.to_dict() for s in m.statuses()] for m in repository.models()},
         })
+        cluster.start(lambda: app.state.ready and repository.ready())
         poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
         grpc_server = await grpc_api.start_server(
             dataplane, metrics, settings, ready=lambda: app.state.ready and dataplane.ready() and cluster.ready(),

@@ -25,6 +25,8 @@ import fcntl
 import json
 import logging
 import os
+import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,13 +104,20 @@ def _read_json(path: Path) -> Any:
 
 
 def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie (killed, not yet reaped by the supervisor)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def prepare(directory: Path, workers: int) -> None:
@@ -120,17 +129,26 @@ def prepare(directory: Path, workers: int) -> None:
 
 
 def set_expected(directory: Path, workers: int) -> None:
-    _write_json(directory / "expected", workers)
+    try:
+        _write_json(directory / "expected", workers)
+    except OSError:
+        log.exception("could not record the number of workers")
 
 
 def begin_drain(directory: Path) -> None:
     """From now on every worker's readiness fails."""
-    (directory / "draining").touch()
+    try:
+        (directory / "draining").touch()
+    except OSError:  # the directory is gone (removed under us): nothing left to tell
+        log.exception("could not mark the workers as draining")
 
 
 def forget_worker(directory: Path, pid: int) -> None:
     """A dead worker's state no longer counts (its pid may even be reused)."""
-    (directory / "workers" / f"{pid}.json").unlink(missing_ok=True)
+    try:
+        (directory / "workers" / f"{pid}.json").unlink(missing_ok=True)
+    except OSError:
+        log.exception("could not remove a worker's state")
 
 
 class WorkerCluster(Cluster):
@@ -150,11 +168,13 @@ class WorkerCluster(Cluster):
         self._errors: dict[str, str] = {}  # generation -> why applying it failed here
         self._published: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._supervisor = 0
 
     # Lifecycle ---------------------------------------------------------------------------------
 
     async def join(self) -> None:
         self.pid = os.getpid()
+        self._supervisor = os.getppid()
         self._publish()
         self._joined_at = self._generation()
         unloaded: dict[str, bool] = {}
@@ -176,9 +196,19 @@ class WorkerCluster(Cluster):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         forget_worker(self.directory, self.pid)
+        if self._orphaned() and not self._statuses():
+            shutil.rmtree(self.directory, ignore_errors=True)  # the supervisor did not live to remove it
+
+    def _orphaned(self) -> bool:
+        return os.getppid() != self._supervisor
 
     async def _follow(self) -> None:
         while True:
+            if self._orphaned():
+                # The supervisor was killed (SIGKILL, out of memory): stop as it would have stopped us.
+                log.error("the supervisor is gone; shutting this worker down")
+                os.kill(self.pid, signal.SIGTERM)
+                return
             try:
                 await self.catch_up()
                 self.metrics.poll_functions()

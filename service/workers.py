@@ -23,10 +23,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import tempfile
 import threading
 from pathlib import Path
 from socket import socket
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -39,6 +41,11 @@ from service.app import create_app
 from service.settings import Settings
 
 log = logging.getLogger("uvicorn.error")  # the supervisor's messages go where uvicorn's own go
+
+HEALTHCHECK_SECONDS = 30.0
+"""A worker that does not answer the supervisor's ping for this long is killed and replaced. uvicorn's 5 s
+default also applies to a worker still importing its libraries, which on a busy machine can take longer:
+then every replacement would be killed before it could start."""
 
 
 class Supervisor(Multiprocess):
@@ -53,6 +60,12 @@ class Supervisor(Multiprocess):
         self.startup_failed = False
         self._expected = config.workers
         self._draining = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop_signal)
+
+    def _stop_signal(self, sig: int, frame: FrameType | None) -> None:
+        cluster.begin_drain(self.state_dir)  # readiness fails now, not at the supervisor's next tick
+        self.signal_queue.append(sig)
 
     def keep_subprocess_alive(self) -> None:
         before = list(self.processes)
@@ -89,7 +102,7 @@ class Supervisor(Multiprocess):
 def serve(settings: Settings, log_config: dict[str, Any]) -> int:
     """Run ``settings.worker_count`` workers until SIGTERM or SIGINT; the exit status."""
     with tempfile.TemporaryDirectory(prefix="convserve-") as run_dir:
-        state_dir = Path(run_dir) / "state"
+        state_dir = Path(run_dir)  # the workers' shared state (service.cluster), the metrics beside it
         metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Path(run_dir) / "metrics")
         metrics_dir.mkdir(parents=True, exist_ok=True)
         for stale in metrics_dir.glob("*.db"):  # a previous run's values must not be added to this one's
@@ -100,7 +113,7 @@ def serve(settings: Settings, log_config: dict[str, Any]) -> int:
             functools.partial(create_app, settings, cluster_dir=state_dir), factory=True,
             host=settings.host, port=settings.port, workers=settings.worker_count,
             log_level=settings.log_level.lower(), log_config=log_config, access_log=False, server_header=False,
-            timeout_graceful_shutdown=settings.drain_seconds)
+            timeout_graceful_shutdown=settings.drain_seconds, timeout_worker_healthcheck=HEALTHCHECK_SECONDS)
         supervisor = Supervisor(config, [config.bind_socket()], state_dir, metrics_dir,
                                 settings.shutdown_delay_seconds)
         supervisor.run()

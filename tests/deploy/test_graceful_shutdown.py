@@ -3,6 +3,7 @@ connections are refused, in-flight requests finish with 200, and the process exi
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -38,9 +39,11 @@ def probe(url: str) -> int | str:
         return type(exc).__name__
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(start_service, tiny_repo, mnist_pngs):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_drains_in_flight_requests_then_exits_0(start_service, tiny_repo, mnist_pngs, workers):
+    """One process, or a supervisor and two workers: every worker drains."""
     drain = 10.0
-    service = start_service(tiny_repo, CONVSERVE_DRAIN_SECONDS=str(drain))
+    service = start_service(tiny_repo, CONVSERVE_DRAIN_SECONDS=str(drain), CONVSERVE_WORKERS=workers)
     results: list[object] = []
     started = [threading.Event() for _ in range(6)]
 
@@ -89,9 +92,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(start_service, tiny_repo
     assert "Application shutdown complete" in service.output()
 
 
-def test_drain_is_bounded_by_drain_seconds(start_service, tiny_repo):
-    """A client that never finishes its request cannot hold the process past CONVSERVE_DRAIN_SECONDS."""
-    service = start_service(tiny_repo, CONVSERVE_DRAIN_SECONDS="1")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_drain_is_bounded_by_drain_seconds(start_service, tiny_repo, workers):
+    """A client that never finishes its request cannot hold the process past CONVSERVE_DRAIN_SECONDS; its
+    request is answered with a JSON 503, like every error, not the server's plain-text 500."""
+    service = start_service(tiny_repo, CONVSERVE_DRAIN_SECONDS="1", CONVSERVE_WORKERS=workers)
     with socket.create_connection(("127.0.0.1", service.port), timeout=5) as stalled:
         stalled.sendall(b"POST /models/digits/predict HTTP/1.1\r\nhost: test\r\ncontent-type: image/png\r\n"
                         b"content-length: 100000\r\n\r\n" + b"\x89PNG" + b"\0" * 100)
@@ -100,7 +105,15 @@ def test_drain_is_bounded_by_drain_seconds(start_service, tiny_repo):
         terminated = time.monotonic()
         assert service.process.wait(timeout=15) == 0, service.output()
         elapsed = time.monotonic() - terminated
+        stalled.settimeout(5)
+        answer = b""
+        while chunk := stalled.recv(65536):
+            answer += chunk
     assert 0.9 <= elapsed < 8, elapsed
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert b"content-type: application/json" in head.lower()
+    assert "drain" in json.loads(body)["error"]
     assert "timeout graceful shutdown exceeded" in service.output()
 
 

@@ -59,3 +59,28 @@ def test_service_refuses_to_start_with_an_unknown_version_policy(tmp_path):
                             timeout=60)
     assert result.returncode != 0
     assert "CONVSERVE_VERSION_POLICY='bogus' is not a version policy: use latest:N" in result.stderr
+
+
+def test_workers_default_to_the_usable_cpus_and_share_them_with_inference_threads(monkeypatch):
+    settings = Settings(_env_file=None)
+    assert settings.workers == "auto" and settings.worker_count == available_cpus()
+    assert settings.worker_count * settings.inference_threads <= max(available_cpus(), settings.worker_count)
+    monkeypatch.setenv("CONVSERVE_WORKERS", "1")
+    one = Settings()
+    assert one.worker_count == 1 and one.inference_threads == max(1, available_cpus() // 2)
+    monkeypatch.setenv("CONVSERVE_INFERENCE_THREADS", "3")
+    assert Settings().inference_threads == 3  # an explicit count wins
+
+
+def test_workers_must_be_auto_or_positive():
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(ValidationError):
+            Settings(workers=bad)
+    assert parse_args(["--workers", "4"]).workers == "4"
+    assert Settings(workers=parse_args(["--workers", "4"]).workers).worker_count == 4
+
+
+def test_shutdown_delay_is_off_by_default(monkeypatch):
+    assert Settings().shutdown_delay_seconds == 0
+    monkeypatch.setenv("CONVSERVE_SHUTDOWN_DELAY_SECONDS", "5")
+    assert Settings().shutdown_delay_seconds == 5

@@ -1,0 +1,238 @@
+"""Two worker processes behind one port behave as one service: real supervisor and workers, the image's CMD.
+(SIGTERM with requests in flight, for one and for two workers: test_graceful_shutdown.py.)
+
+Which worker answered a request is read from the access log (every line carries the worker's ``pid``); the
+tests send requests until both workers have answered some, so they hold whatever the kernel's spread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.deploy.test_graceful_shutdown import probe
+from tests.support.server import ServiceProcess
+
+TOKEN = "workers-test-token"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+PREDICT_ROUTE = "/models/{name}/predict"
+
+
+def start_two_workers(start_service: Callable[..., ServiceProcess], models_dir: Path, **env: str) -> ServiceProcess:
+    return start_service(models_dir, CONVSERVE_WORKERS="2", CONVSERVE_ACCESS_LOG="true",
+                         CONVSERVE_REPOSITORY_POLL_SECONDS="0", CONVSERVE_ADMIN_TOKEN=TOKEN, **env)
+
+
+def worker_pids(service: ServiceProcess) -> set[int]:
+    """The supervisor's worker processes (multiprocessing's spawned children, not its resource tracker)."""
+    children = Path(f"/proc/{service.pid}/task/{service.pid}/children").read_text().split()
+    pids = set()
+    for pid in map(int, children):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def answered_by(service: ServiceProcess, prefix: str) -> dict[str, int]:
+    """request id -> the pid of the worker that answered it, for the request ids starting with ``prefix``."""
+    out = {}
+    for line in service.output().splitlines():
+        if line.startswith("{") and f'"request_id":"{prefix}' in line:
+            entry = json.loads(line)
+            if entry.get("logger") == "service.access":
+                out[entry["request_id"]] = entry["pid"]
+    return out
+
+
+def predict_until_both_workers_answered(service: ServiceProcess, png: bytes, prefix: str,
+                                        minimum: int = 40, limit: int = 2000) -> list[httpx.Response]:
+    """Concurrent single-image predictions, each on a new connection, until both workers have answered
+    at least one and ``minimum`` were sent; every response is returned."""
+    responses: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        response = httpx.post(f"{service.url}/models/digits/predict", timeout=30,
+                              files={"file": ("d.png", png, "image/png")}, headers={"x-request-id": f"{prefix}{i}"})
+        with lock:
+            responses.append(response)
+
+    sent = 0
+    while sent < limit:
+        threads = [threading.Thread(target=one, args=(sent + i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sent += len(threads)
+        if sent >= minimum and _wait_for_log(service, prefix, sent):
+            if len(set(answered_by(service, prefix).values())) == 2:
+                return responses
+    raise AssertionError(f"{limit} requests did not reach both workers: {answered_by(service, prefix)}")
+
+
+def _wait_for_log(service: ServiceProcess, prefix: str, count: int, timeout: float = 10) -> bool:
+    """Until the access log has a line for each of ``count`` requests (workers write their logs themselves)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(answered_by(service, prefix)) >= count:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(scraped: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    return scraped.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_both_workers_are_loaded_when_ready(start_service, tiny_repo):
+    service = start_two_workers(start_service, tiny_repo)
+    loaded = {json.loads(line)["pid"] for line in service.output().splitlines()
+              if line.startswith("{") and '"msg":"models loaded"' in line}
+    assert loaded == worker_pids(service) and len(loaded) == 2, service.output()
+
+
+def test_metrics_are_the_sum_over_workers(start_service, tiny_repo, mnist_pngs):
+    service = start_two_workers(start_service, tiny_repo)
+    responses = predict_until_both_workers_answered(service, mnist_pngs[0], "sum-")
+    assert all(r.status_code == 200 for r in responses)
+    n = len(responses)
+    for _ in range(6):  # each scrape is answered by either worker: every one shows the same sums
+        scraped = samples(httpx.get(f"{service.url}/metrics", timeout=10).text)
+        labels = {"model": "digits", "version": "1"}
+        assert value(scraped, "convserve_inference_requests_total", **labels, outcome="success") == n
+        assert value(scraped, "convserve_http_requests_total", method="POST", route=PREDICT_ROUTE, status="200") == n
+        assert value(scraped, "convserve_request_rows_count", **labels) == n
+        assert sum(v for (name, _), v in scraped.items() if name == "convserve_predicted_class_total") == n
+        assert value(scraped, "convserve_inflight_requests", **labels) == 0
+        assert value(scraped, "convserve_queue_rows", **labels) == 0
+        assert value(scraped, "convserve_model_versions_loaded", model="digits") == 1  # not once per worker
+
+
+def test_unload_then_load_through_the_api_applies_in_every_worker(start_service, tiny_repo, mnist_pngs):
+    service = start_two_workers(start_service, tiny_repo)
+    png = mnist_pngs[0]
+
+    unloaded = httpx.post(f"{service.url}/v2/repository/models/digits/unload", headers=ADMIN, timeout=60)
+    assert unloaded.status_code == 200, unloaded.text
+    responses = predict_until_both_workers_answered(service, png, "unloaded-")
+    assert {r.status_code for r in responses} == {404}, [r.text for r in responses if r.status_code != 404]
+    assert httpx.get(f"{service.url}/v2/models/digits/ready").status_code == 404
+    assert httpx.get(f"{service.url}/v2/health/ready").status_code == 200  # no model is missing a version
+
+    loaded = httpx.post(f"{service.url}/v2/repository/models/digits/load", headers=ADMIN, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    responses = predict_until_both_workers_answered(service, png, "loaded-")
+    assert {r.status_code for r in responses} == {200}, [r.text for r in responses if r.status_code != 200]
+    assert all(r.json()["version"] == 1 for r in responses)
+    index = httpx.post(f"{service.url}/v2/repository/index", headers=ADMIN, json={}, timeout=60).json()
+    assert [e["state"] for e in index if e["name"] == "digits"] == ["READY"]
+
+
+def test_repository_api_refusals_are_the_same_as_one_process(start_service, tiny_repo):
+    service = start_two_workers(start_service, tiny_repo)
+    missing = httpx.post(f"{service.url}/v2/repository/models/nowhere/load", headers=ADMIN, timeout=60)
+    assert missing.status_code == 404 and "nowhere" in missing.json()["error"]
+    not_loaded = httpx.post(f"{service.url}/v2/repository/models/nowhere/unload", headers=ADMIN, timeout=60)
+    assert not_loaded.status_code == 404 and "error" in not_loaded.json()
+
+
+def test_killed_worker_is_replaced_and_only_its_requests_fail(start_service, tiny_repo, mnist_pngs):
+    service = start_two_workers(start_service, tiny_repo)
+    png = mnist_pngs[0]
+    before = worker_pids(service)
+    assert len(before) == 2
+    clients = 6
+    stop = threading.Event()
+    statuses: list[int] = []
+    failures: list[Exception] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                response = httpx.post(f"{service.url}/models/digits/predict", timeout=30,
+                                      files={"file": ("d.png", png, "image/png")})
+                statuses.append(response.status_code)
+            except httpx.TransportError as exc:  # a connection to the killed worker
+                failures.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        while len(statuses) < 20:
+            time.sleep(0.02)
+        victim = min(before)
+        os.kill(victim, 9)
+        probes = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # readiness fails until the replacement has loaded its models
+            probes.append(probe(service.url))
+            after = worker_pids(service)
+            if len(after) == 2 and victim not in after and probes[-1] == 200 and 503 in probes:
+                break
+            time.sleep(0.02)
+        answered = len(statuses)
+        while len(statuses) < answered + 20:  # and both keep answering
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    after = worker_pids(service)
+    assert victim not in after and len(after) == 2 and before & after, (before, after)
+    assert 503 in probes and probes[-1] == 200, probes
+    assert set(statuses) == {200}
+    assert len(failures) <= clients, failures  # at most one in flight per client when the worker died
+    # The dead worker's in-flight gauge is gone with it, not stuck in the sum.
+    scraped = samples(httpx.get(f"{service.url}/metrics", timeout=10).text)
+    assert value(scraped, "convserve_inflight_requests", model="digits", version="1") == 0
+    assert value(scraped, "convserve_inference_requests_total", model="digits", version="1",
+                 outcome="success") >= len(statuses)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_shutdown_delay_keeps_accepting_with_readiness_failing(start_service, tiny_repo, mnist_pngs, workers):
+    """CONVSERVE_SHUTDOWN_DELAY_SECONDS: on SIGTERM readiness fails at once, requests are still answered for
+    that long (a second SIGTERM ends the wait here), then the listener closes and the process exits 0."""
+    service = start_service(tiny_repo, CONVSERVE_WORKERS=workers, CONVSERVE_SHUTDOWN_DELAY_SECONDS="600")
+    service.terminate()
+    probes = [probe(service.url)]
+    while probes[-1] == 200 and len(probes) < 500:
+        time.sleep(0.02)
+        probes.append(probe(service.url))
+    assert probes[-1] == 503, probes  # answered (not refused): the listener is still open
+    for png in mnist_pngs[:4]:
+        response = httpx.post(f"{service.url}/models/digits/predict", files={"file": ("d.png", png, "image/png")},
+                              timeout=30)
+        assert response.status_code == 200, response.text
+    assert service.alive()
+    service.terminate()
+    assert service.process.wait(timeout=30) == 0, service.output()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{service.url}/v2/health/ready", timeout=2)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_shutdown_delay_ends_by_itself(start_service, tiny_repo, workers):
+    service = start_service(tiny_repo, CONVSERVE_WORKERS=workers, CONVSERVE_SHUTDOWN_DELAY_SECONDS="1")
+    service.terminate()
+    terminated = time.monotonic()
+    assert service.process.wait(timeout=30) == 0, service.output()
+    assert time.monotonic() - terminated >= 1.0
