@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as tg
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.test_graceful_shutdown import probe
@@ -235,3 +236,22 @@ def test_shutdown_delay_ends_by_itself(start_service, tiny_repo, workers):
     terminated = time.monotonic()
     assert service.process.wait(timeout=30) == 0, service.output()
     assert time.monotonic() - terminated >= 1.0
+
+
+def test_grpc_repository_calls_apply_in_every_worker(start_service, tiny_repo, mnist_pngs, get_free_port):
+    """Every worker serves gRPC on the one gRPC port too; its repository API goes through the same commands."""
+    port = get_free_port()
+    service = start_two_workers(start_service, tiny_repo, CONVSERVE_GRPC_PORT=str(port))
+    client = tg.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        assert client.is_server_ready() and client.is_model_ready("digits")
+        client.unload_model("digits", headers=ADMIN)
+        responses = predict_until_both_workers_answered(service, mnist_pngs[0], "grpc-unloaded-")
+        assert {r.status_code for r in responses} == {404}
+        assert not client.is_model_ready("digits")
+        client.load_model("digits", headers=ADMIN)
+        responses = predict_until_both_workers_answered(service, mnist_pngs[0], "grpc-loaded-")
+        assert {r.status_code for r in responses} == {200}
+        assert client.is_model_ready("digits")
+    finally:
+        client.close()
