@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = "auto"
     """Worker processes serving on the one port (auto: the usable CPUs; 1: a single process, no supervisor)."""
     inference_threads: int = Field(0, ge=0)
-    """Threads each model's runtime may use for one batch (intra-op). 0: half the CPUs per worker, at least 1."""
+    """Threads each model's runtime may use for one batch (intra-op). 0: half the CPUs / workers, at least 1."""
     version_policy: str = "latest:1"
     """Versions to serve per model unless its config.pbtxt has a version_policy: latest:N, all, or specific:1,3."""
 

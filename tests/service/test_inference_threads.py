@@ -1,5 +1,6 @@
 """The inference-thread default: half the CPUs this process may use (its affinity mask, capped by a cgroup v2 CPU
-quota), at least one, and that number reaches ONNX Runtime as its intra-op thread count.
+quota) shared among the worker processes, at least one, and that number reaches ONNX Runtime as its intra-op
+thread count.
 
 The CPUs and the quota are made up (the affinity call and the cgroup file are replaced), and ONNX Runtime's
 session class is wrapped to record the options the service gives it."""
@@ -57,16 +58,20 @@ def serve(models_dir: Path) -> None:
         assert client.get("/v2/models/m/ready").status_code == 200
 
 
-@pytest.mark.parametrize(("cpus", "quota", "expected"), [
-    (8, None, 4),                 # no cgroup file: half the affinity mask
-    (8, "max 100000", 4),         # a cgroup without a quota
-    (16, "600000 100000", 3),     # a 6-CPU quota on a 16-CPU machine: half the quota
-    (8, "150000 100000", 1),      # 1.5 CPUs round down to one, half of it is still one
-    (1, None, 1),                 # never zero
+@pytest.mark.parametrize(("cpus", "quota", "workers", "expected"), [
+    (8, None, "1", 4),                 # one process, no cgroup file: half the affinity mask
+    (8, "max 100000", "1", 4),         # a cgroup without a quota
+    (16, "600000 100000", "1", 3),     # a 6-CPU quota on a 16-CPU machine: half the quota
+    (8, "150000 100000", "1", 1),      # 1.5 CPUs round down to one, half of it is still one
+    (1, None, "1", 1),                 # never zero
+    (16, None, "2", 4),                # two workers share the half: 4 threads each
+    (16, "600000 100000", "2", 1),     # 6 CPUs, two workers: 6 // 4
+    (8, None, "auto", 1),              # the default: a worker per CPU, one thread each
 ])
-def test_default_is_half_the_usable_cpus_and_reaches_onnx_runtime(cpus, quota, expected, machine, intra_op_threads,
-                                                                    monkeypatch, tmp_path):
+def test_default_is_half_the_usable_cpus_per_worker_and_reaches_onnx_runtime(cpus, quota, workers, expected, machine,
+                                                                             intra_op_threads, monkeypatch, tmp_path):
     monkeypatch.delenv("CONVSERVE_INFERENCE_THREADS", raising=False)
+    monkeypatch.setenv("CONVSERVE_WORKERS", workers)
     machine(cpus, quota)
     write_digit_version(tmp_path / "models", "m", 1)
     serve(tmp_path / "models")

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.__main__ import parse_args
-from service.settings import Settings
+from service.settings import Settings, available_cpus
 
 
 def test_defaults_are_safe():
