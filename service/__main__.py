@@ -20,6 +20,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from service import workers
 from service.app import create_app
@@ -76,7 +77,13 @@ class Server(uvicorn.Server):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # one line a user can act on, not a traceback
+        problems = "; ".join(f"CONVSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        print(f"error: invalid settings: {problems}", file=sys.stderr)
+        sys.exit(2)
     if settings.worker_count > 1:
         sys.exit(workers.serve(settings, UVICORN_LOG_CONFIG))
     app = create_app(settings)

@@ -57,8 +57,10 @@ def test_service_refuses_to_start_with_an_unknown_version_policy(tmp_path):
     result = subprocess.run([sys.executable, "-m", "service", "--models-dir", str(tmp_path), "--port", "0"],
                             env={**os.environ, "CONVSERVE_VERSION_POLICY": "bogus"}, capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode != 0
-    assert "CONVSERVE_VERSION_POLICY='bogus' is not a version policy: use latest:N" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [  # one line, no traceback
+        "error: invalid settings: CONVSERVE_VERSION_POLICY: CONVSERVE_VERSION_POLICY='bogus' is not a version "
+        "policy: use latest:N (N >= 1), all, or specific:V1,V2,..."]
 
 
 def test_workers_default_to_the_usable_cpus_and_share_them_with_inference_threads(monkeypatch):
