@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:  # one line a user can act on, not a traceback
-        problems = "; ".join(f"CONVSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"CONVSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors())
         print(f"error: invalid settings: {problems}", file=sys.stderr)
         sys.exit(2)
     if settings.worker_count > 1:
