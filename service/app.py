@@ -31,7 +31,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.middleware import DrainDeadlineMiddleware, RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
-from service.rest import explain, images, tfserving, v2, web
+from service.rest import docs, explain, images, tfserving, v2, web
 from service.rest import repository as repository_api
 from service.settings import Settings
 
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
             await cluster.leave()
             poller.cancel()
             await repository.close()
+            dataplane.close()
 
     app = FastAPI(
         title="convserve",
@@ -93,6 +94,11 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
                     "(KServe v2) and the TensorFlow Serving REST API. The Open Inference Protocol is also served "
                     "over gRPC (Triton's inference.GRPCInferenceService) on the gRPC port.",
         lifespan=lifespan,
+        # No redirects: a trailing-slash redirect would echo the Host header in Location before any auth check,
+        # and API clients should see the route's own 404. /docs is served from the package (service/rest/docs.py).
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -106,6 +112,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
     app.include_router(tfserving.router)
     app.include_router(repository_api.router)
     app.include_router(web.router)
+    app.include_router(docs.router)
 
     @app.get("/metrics", include_in_schema=True, tags=["observability"], summary="Prometheus metrics",
              response_class=PlainTextResponse)  # documents the text exposition format, not JSON

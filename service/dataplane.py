@@ -14,7 +14,6 @@ and the version it was admitted to stays loaded until the block ends.
 from __future__ import annotations
 
 import hmac
-import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from service.batching import Gone, Outputs
+from service.decoding import DecodePool
 from service.errors import (
     ClientDisconnected,
     DeadlineExceeded,
@@ -32,8 +32,9 @@ from service.errors import (
     ServingError,
     Unauthorized,
 )
+from service.limits import finite_outputs
 from service.metrics import Metrics
-from service.preprocessing import ImageLimits, preprocess
+from service.preprocessing import ImageLimits
 from service.repository import Model, ModelRepository, ModelVersion, VersionStatus
 from service.settings import Settings
 
@@ -71,7 +72,13 @@ class DataPlane:
         self.repository = repository
         self.metrics = metrics
         self.settings = settings
-        self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_jpeg_scans,
+                                        settings.max_request_pixels)
+        self.decoder = DecodePool(settings.decode_threads, self.image_limits, settings.inline_decode_pixels,
+                                  settings.request_timeout_seconds)
+
+    def close(self) -> None:
+        self.decoder.close()
 
     # Lookup, metadata and readiness -----------------------------------------------------------
 
@@ -171,7 +178,7 @@ class DataPlane:
         m = mv.metrics
         m.inflight.inc()
         try:
-            outputs = await outputs_of
+            outputs = finite_outputs(await outputs_of, f"{mv.name}:{mv.version}")
         except Overloaded as exc:
             m.rejected(exc.reason)
             m.outcome("rejected")
@@ -198,30 +205,14 @@ class DataPlane:
         return prediction
 
     async def infer_images(self, mv: ModelVersion, images: list[bytes], gone: Gone | None = None) -> Prediction:
-        """Infer on encoded images as one request; they are decoded on the model's inference thread."""
+        """Infer on encoded images as one request; see :mod:`service.decoding` for where they are decoded."""
         if not images:
             raise InvalidInput("no images in the request")
         if len(images) > self.settings.max_images_per_request:
             raise InvalidInput(f"{len(images)} images exceed the limit of "
                                f"{self.settings.max_images_per_request} per request")
         metrics = mv.metrics
-
-        def prepare() -> np.ndarray:
-            started = time.perf_counter()
-            rows = self._decode_all(mv, images)
-            metrics.preprocess_latency.observe(time.perf_counter() - started)
-            return rows
-
-        return await self._run(mv, len(images), mv.predict_prepared(len(images), prepare, gone))
-
-    def _decode_all(self, mv: ModelVersion, images: list[bytes]) -> np.ndarray:
-        spec = mv.image_spec
-        rows = np.empty((len(images), spec.height, spec.width, spec.channels), dtype=np.float32)
-        for i, data in enumerate(images):
-            try:
-                rows[i] = preprocess(data, spec, self.image_limits)
-            except ServingError as exc:
-                if len(images) > 1:
-                    exc.message = f"image {i}: {exc.message}"
-                raise
-        return rows
+        outputs = self.decoder.outputs(images, mv.image_spec, metrics.preprocess_latency.observe,
+                                       lambda rows: mv.predict(rows, gone),
+                                       lambda n, prepare: mv.predict_prepared(n, prepare, gone), gone)
+        return await self._run(mv, len(images), outputs)

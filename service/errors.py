@@ -54,6 +54,12 @@ class NotExplainable(ServingError):
     status = 422
 
 
+class NonFiniteOutput(ServingError):
+    """The model's answer for a well-formed input holds NaN or Inf (inputs far outside its range)."""
+
+    status = 422
+
+
 class ModelNotReady(ServingError):
     status = 503
 

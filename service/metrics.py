@@ -11,6 +11,7 @@ summed over live workers, loaded versions are the most any live worker has.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -138,6 +139,8 @@ class VersionMetrics:
         self._metrics.rejected.labels(*self._labels, reason).inc()
 
     def predicted(self, class_id: int, label: str, confidence: float) -> None:
+        if not math.isfinite(confidence):  # one NaN would make the confidence sum NaN for good
+            return
         child = self._classes.get(class_id)
         if child is None:
             child = self._classes[class_id] = self._metrics.predicted_class.labels(*self._labels, label)

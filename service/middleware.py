@@ -23,6 +23,9 @@ access_log = logging.getLogger("service.access")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Probes and scrapes are not traffic.
 UNCOUNTED_ROUTES = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
+# Metric labels come from closed sets, never from the client: a made-up method (any token is a valid HTTP
+# method) would otherwise add a series per request. Routes are templates (``/models/{name}/predict``).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -97,11 +100,12 @@ class RequestContextMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
         if template not in UNCOUNTED_ROUTES:
-            self.metrics.http_requests.labels(method, template, str(status)).inc()
-            self.metrics.http_latency.labels(method, template).observe(elapsed)
+            label = method if method in KNOWN_METHODS else "other"
+            self.metrics.http_requests.labels(label, template, str(status)).inc()
+            self.metrics.http_latency.labels(label, template).observe(elapsed)
         if self.log_requests:
             access_log.info("request", extra={
-                "request_id": request_id, "method": method, "path": scope["path"], "route": template,
+                "request_id": request_id, "method": method[:16], "path": scope["path"], "route": template,
                 "status": status, "duration_ms": round(elapsed * 1000, 3),
                 "client": (scope.get("client") or ("", 0))[0],
             })

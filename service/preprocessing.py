@@ -1,21 +1,25 @@
 """Image uploads to model inputs: safe decoding, mode conversion, resizing, MNIST-style digits.
 
 Decoding is bounded before any pixel is touched: the encoded size, then the declared
-width x height (a decompression bomb is refused from its header). Digit models get the
-classic MNIST normalisation, so a photo of a digit on paper looks like an MNIST sample.
+width x height (a decompression bomb is refused from its header), the number of JPEG scans
+(each one a pass over the whole image), and the pixels of all of a request's images together.
+Digit models get the classic MNIST normalisation, so a photo of a digit on paper looks like
+an MNIST sample.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, ServingError
 
 MNIST_BOX = 20  # MNIST digits are fitted into 20x20 ...
 MNIST_SIZE = 28  # ... and centred by centre of mass in 28x28
@@ -43,6 +47,21 @@ class ImageSpec:
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+    max_jpeg_scans: int = 32
+    max_request_pixels: int | None = None
+    """Pixels of all the images of one request together (None: only the per-image limit)."""
+
+
+@dataclass
+class OpenedImage:
+    """An image whose header has passed the limits, not yet decoded, and the work its decoding costs."""
+
+    image: Image.Image
+    work: int
+    """Declared pixels, times the scans of a JPEG: each scan of a progressive JPEG is a pass over the image."""
+
+
+SOS = b"\xff\xda"  # start of scan: in entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker
 
 
 @functools.cache
@@ -52,27 +71,97 @@ def _decoders() -> tuple[str, ...]:
     return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode the first frame of an encoded image under the byte and pixel limits."""
+def open_image(data: bytes, limits: ImageLimits) -> OpenedImage:
+    """Read an encoded image's header and check it against the limits; nothing is decoded yet."""
     if not data:
         raise InvalidInput("empty image")
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"image of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
+    with _decoder_errors():
+        img = Image.open(io.BytesIO(data), formats=_decoders())
+        if img.format not in OPENED_AS:
+            raise InvalidInput(f"image format {img.format} is not accepted ({SUPPORTED})")
+        width, height = img.size
+        if width * height > limits.max_pixels:
+            raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of "
+                                  f"{limits.max_pixels} pixels")
+        if width < 1 or height < 1:
+            raise InvalidInput("image has no pixels")
+        scans = data.count(SOS) if img.format in ("JPEG", "MPO") else 1
+        if scans > limits.max_jpeg_scans:
+            raise PayloadTooLarge(f"JPEG with {scans} scans exceeds the limit of {limits.max_jpeg_scans} scans "
+                                  f"(encoders write about a dozen at most)")
+        return OpenedImage(img, width * height * max(1, scans))
+
+
+def open_images(images: list[bytes], limits: ImageLimits) -> list[OpenedImage]:
+    """Open every image of a request (headers only) and check their pixels together against the request's
+    budget, before any of them is decoded."""
+    opened: list[OpenedImage] = []
+    total = 0
+    try:
+        for i, data in enumerate(images):
+            with _numbered(i, len(images)):
+                opened.append(open_image(data, limits))
+            width, height = opened[-1].image.size
+            total += width * height
+            if limits.max_request_pixels is not None and total > limits.max_request_pixels:
+                raise PayloadTooLarge(f"images of {total} pixels in all (up to image {i}) exceed the limit of "
+                                      f"{limits.max_request_pixels} pixels per request")
+    except BaseException:
+        for item in opened:
+            item.image.close()
+        raise
+    return opened
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode the first frame of an opened image, upright (EXIF orientation)."""
+    with _decoder_errors():
+        img.seek(0)  # first frame of an animation
+        img.load()
+        return ImageOps.exif_transpose(img) or img
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode the first frame of an encoded image under the byte, pixel and scan limits."""
+    return load_image(open_image(data, limits).image)
+
+
+def images_to_rows(opened: list[OpenedImage], spec: ImageSpec, check: Callable[[], None] | None = None) -> np.ndarray:
+    """Decode opened images into model input rows [N, H, W, C]; ``check()`` runs before each image (it raises
+    to stop: the request's deadline passed, its client left)."""
+    rows = np.empty((len(opened), spec.height, spec.width, spec.channels), dtype=np.float32)
+    try:
+        for i, item in enumerate(opened):
+            if check is not None:
+                check()
+            with _numbered(i, len(opened)):
+                rows[i] = _to_row(item.image, spec)
+    finally:
+        for item in opened:
+            item.image.close()
+    return rows
+
+
+@contextlib.contextmanager
+def _numbered(index: int, count: int) -> Iterator[None]:
+    """Prefix a client error with the image it is about, when a request has several."""
+    try:
+        yield
+    except ServingError as exc:
+        if count > 1:
+            exc.message = f"image {index}: {exc.message}"
+        raise
+
+
+@contextlib.contextmanager
+def _decoder_errors() -> Iterator[None]:
+    """Pillow's many failure types as client errors: a bad upload is the client's fault, never a 500."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_decoders())
-            if img.format not in OPENED_AS:
-                raise InvalidInput(f"image format {img.format} is not accepted ({SUPPORTED})")
-            width, height = img.size
-            if width * height > limits.max_pixels:
-                raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of "
-                                      f"{limits.max_pixels} pixels")
-            if width < 1 or height < 1:
-                raise InvalidInput("image has no pixels")
-            img.seek(0)  # first frame of an animation
-            img.load()
-            return ImageOps.exif_transpose(img) or img
+            yield
     except (PayloadTooLarge, InvalidInput):
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -227,7 +316,15 @@ def image_to_input(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 
 def preprocess(data: bytes, spec: ImageSpec, limits: ImageLimits) -> np.ndarray:
     """Encoded image bytes to one model input row."""
-    img = decode_image(data, limits)
+    opened = open_image(data, limits)
+    try:
+        return _to_row(opened.image, spec)
+    finally:
+        opened.image.close()
+
+
+def _to_row(opened: Image.Image, spec: ImageSpec) -> np.ndarray:
+    img = load_image(opened)
     try:
         return image_to_input(img, spec)
     except (ValueError, OSError):  # a mode Pillow cannot convert (LAB, ...): a bad upload, not a server fault

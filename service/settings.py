@@ -61,6 +61,18 @@ class Settings(BaseSettings):
     """Most images one image-endpoint request may carry (400 above)."""
     max_request_rows: int = Field(1024, ge=1)
     """Most rows (images) one tensor request (KServe v2, TF Serving) may carry (400 above)."""
+    max_request_pixels: int = Field(50_000_000, ge=1)
+    """Most declared pixels (width x height, summed over its images) one request may decode (413 above)."""
+    max_jpeg_scans: int = Field(40, ge=1)
+    """Most scans one JPEG may have; encoders write at most about a dozen, and each scan costs a full pass
+    over the image when it is decoded (a small progressive JPEG with thousands of scans takes minutes)."""
+    decode_threads: int = Field(default_factory=lambda: max(1, available_cpus() // 2), ge=1)
+    """Threads that decode large images (beyond inline_decode_pixels), away from the models' inference threads."""
+    inline_decode_pixels: int = Field(1_000_000, ge=0)
+    """Requests whose images declare at most this much decode work (pixels x JPEG scans, summed) are decoded on
+    the model's inference thread in the batch, at no extra cost; larger ones go to the decode threads."""
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Largest answer a tensor request may ask for, estimated before inference (400 above)."""
     repository_poll_seconds: float = Field(5.0, ge=0)
     """How often to look for new, changed or removed model versions (0: only at start and on request)."""
     batching: bool = True

@@ -14,6 +14,7 @@ import numpy as np
 
 from service.dataplane import ranked_classes
 from service.errors import InvalidInput
+from service.limits import CLASSIFICATION_BYTES, JSON_FP32_BYTES, JSON_VALUE_BYTES
 from service.repository import ModelVersion
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
@@ -76,6 +77,21 @@ def classification(mv: ModelVersion, name: str, scores: np.ndarray, k: int) -> n
     rows = [[f"{p[c]:f}:{c}:{mv.label(c)}" if with_labels else f"{p[c]:f}:{c}" for c in classes]
             for p, classes in zip(scores.tolist(), ranked_classes(scores, k))]
     return np.array(rows, dtype=object).reshape(len(rows), len(rows[0]) if rows else 0)
+
+
+def response_bytes(mv: ModelVersion, rows: int, requested: list[tuple[str, bool, int]]) -> int:
+    """An upper bound of an inference answer's size, known before the model runs: ``requested`` holds
+    (output name, binary, classification k); gRPC answers are binary."""
+    specs = {s.name: s for s in mv.runtime.outputs}
+    label = max((len(label) for label in mv.labels), default=8) * 6  # JSON escapes at worst
+    total = 0
+    for name, binary, k in requested:
+        spec = specs[name]
+        values = rows * math.prod(d for d in spec.shape[1:] if d > 0)
+        dtype = DATATYPES.get(spec.datatype, np.dtype("<f8"))
+        per_value = dtype.itemsize if binary else JSON_FP32_BYTES if spec.datatype == "FP32" else JSON_VALUE_BYTES
+        total += rows * k * (CLASSIFICATION_BYTES + label) if k else values * per_value
+    return total
 
 
 def bytes_tensor(values: np.ndarray) -> bytes:

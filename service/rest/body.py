@@ -9,15 +9,14 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
+from service.parsing import ascii_count
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing with 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
-            raise InvalidInput("invalid Content-Length header")
-        if int(declared) > limit:
+        if ascii_count(declared, "Content-Length") > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks = []
     size = 0

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane, top_k
 from service.errors import InvalidInput, UnsupportedMediaType
+from service.parsing import positive_int
 from service.responses import json_response
 from service.rest.body import disconnect_probe, media_type, parse_json, read_body
 from service.rest.multipart import parse_multipart
@@ -36,20 +37,15 @@ PREDICT_BODY = {
 }
 
 
-def _top_k_value(value: Any, default: int) -> int:
-    if value is None or value == "":
+def _top_k_value(value: Any, default: int, *, text: bool) -> int:
+    """top_k from a query or form field (``text``: ASCII digits) or from JSON (an integer, not true or 2.9)."""
+    if value is None or (text and value == ""):
         return default
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInput("top_k must be a positive integer") from None
-    if k < 1:
-        raise InvalidInput("top_k must be a positive integer")
-    return k
+    return positive_int(value, "top_k", text_allowed=text)
 
 
-async def _images_from_request(request: Request, limit: int, max_images: int) -> tuple[list[bytes], Any]:
-    """The encoded images of a request and its top_k field, whatever the body format."""
+async def _images_from_request(request: Request, limit: int, max_images: int) -> tuple[list[bytes], Any, bool]:
+    """The encoded images of a request, its top_k field and whether that field is text, whatever the body format."""
     kind = media_type(request)
     if kind == "multipart/form-data":
         body = await read_body(request, limit)
@@ -57,9 +53,9 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
         images = [p.data for p in parts if p.is_file and (p.data or p.filename)]
         fields = {p.name: p.data for p in parts if not p.is_file}
         k_field = fields.get("top_k")
-        return images, k_field.decode("utf-8", "replace") if k_field is not None else None
+        return images, k_field.decode("utf-8", "replace") if k_field is not None else None, True
     if kind.startswith("image/") or kind == "application/octet-stream":
-        return [await read_body(request, limit)], None
+        return [await read_body(request, limit)], None, True
     if kind == "application/json":
         payload = parse_json(await read_body(request, limit))
         if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
@@ -74,7 +70,7 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
                 images.append(base64.b64decode(item, validate=True))
             except (binascii.Error, ValueError):
                 raise InvalidInput(f"images[{i}] is not valid base64") from None
-        return images, payload.get("top_k")
+        return images, payload.get("top_k"), False
     raise UnsupportedMediaType(
         f"unsupported content type {kind or '(none)'!r}: send multipart/form-data, image/*, or application/json")
 
@@ -83,8 +79,11 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
     async with dataplane.admitted(name, version) as mv:  # 404, 503 before reading a large body
-        images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
-        k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
+        images, k, text = await _images_from_request(request, settings.max_body_bytes,
+                                                     settings.max_images_per_request)
+        if "top_k" in request.query_params:
+            k, text = request.query_params["top_k"], True
+        k = _top_k_value(k, settings.default_top_k, text=text)
         result = await dataplane.infer_images(mv, images, disconnect_probe(request))
     return json_response({"model": mv.name, "version": mv.version,
                           "predictions": top_k(mv, result.probabilities, k)})

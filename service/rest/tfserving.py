@@ -16,6 +16,8 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput
+from service.limits import check_rows, off_loop
+from service.parsing import strict_array
 from service.repository import FAILED, READY, VersionStatus
 from service.responses import json_response
 from service.rest.body import disconnect_probe, parse_json, read_body
@@ -23,6 +25,8 @@ from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, TFModelStatus, TFPredictRequest, TFPredictResponse
 
 router = APIRouter(tags=["tensorflow serving rest"], route_class=InferenceRoute)
+
+FP32 = np.dtype(np.float32)
 
 TF_DTYPES = {"FP32": "DT_FLOAT", "FP64": "DT_DOUBLE", "UINT8": "DT_UINT8", "INT32": "DT_INT32", "INT64": "DT_INT64"}
 PREDICT_DOCS: dict[str, Any] = {
@@ -73,18 +77,19 @@ def _b64(value: dict[str, Any], where: str) -> bytes:
 
 
 def _tensor(values: Any, where: str) -> np.ndarray:
+    """Numbers only: strings (``"1e3"``), booleans and nulls are refused, not coerced."""
     try:
-        array = np.asarray(values, dtype=np.float32)
-    except (ValueError, TypeError, OverflowError):
+        return strict_array(values, FP32, where, "FP32")
+    except InvalidInput:
         raise InvalidInput(f"{where}: not a regular numeric array") from None
-    return array
 
 
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     async with dataplane.admitted(name, version) as mv:
         gone = disconnect_probe(request)
-        payload = parse_json(await read_body(request, dataplane.settings.max_body_bytes))
+        body = await read_body(request, dataplane.settings.max_body_bytes)
+        payload = await off_loop(len(body), parse_json, body)
         if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
             raise InvalidInput('request must be a JSON object with either "instances" or "inputs"')
         input_name = mv.input.name
@@ -109,8 +114,10 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
         elif _is_b64(values):
             result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone)
         else:
-            rows = dataplane.check_rows(mv, _tensor(values, "instances" if row_format else "inputs"))
-            result = await dataplane.infer(mv, rows, gone)
+            if row_format:
+                check_rows(len(values), dataplane.settings.max_request_rows)  # before converting a huge list
+            tensor = await off_loop(len(body), _tensor, values, "instances" if row_format else "inputs")
+            result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), gone)
     key = "predictions" if row_format else "outputs"
     return json_response({key: result.probabilities})
 

@@ -17,6 +17,8 @@ from service import __version__
 from service.batching import Outputs
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
+from service.limits import check_declared_shape, check_response_bytes, off_loop
+from service.parsing import ascii_count, json_count, strict_array
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
 from service.rest.body import disconnect_probe, parse_json, read_body
@@ -29,6 +31,7 @@ from service.v2_tensors import (
     element_count,
     from_buffer,
     output_tensor,
+    response_bytes,
     shaped,
     tensor_dtype,
 )
@@ -49,40 +52,41 @@ INFER_DOCS: dict[str, Any] = {
 
 # --- Decoding requests -------------------------------------------------------------------------
 
-def _split_body(request: Request, body: bytes) -> tuple[Any, memoryview]:
-    """The JSON header and the binary section that follows it (binary tensor extension)."""
-    header = request.headers.get(HEADER_LENGTH)
+def _split_body(header: str | None, body: bytes) -> tuple[Any, memoryview]:
+    """The JSON header and the binary section that follows it (binary tensor extension); ``header`` is the
+    Inference-Header-Content-Length value."""
     if header is None:
         return parse_json(body), memoryview(b"")
-    if not header.isdigit() or int(header) > len(body):
+    n = ascii_count(header, HEADER_LENGTH)
+    if n > len(body):
         raise InvalidInput(f"{HEADER_LENGTH} must be a byte count no larger than the body")
-    n = int(header)
     view = memoryview(body)
     return parse_json(view[:n]), view[n:]
 
 
-def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
-    """Decode one request input to an ndarray; returns it and the new offset in the binary section."""
+def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int,
+                  row_shape: tuple[int, ...], max_rows: int) -> tuple[np.ndarray, int]:
+    """Decode one request input to an ndarray; returns it and the new offset in the binary section.
+
+    A declared shape beyond ``max_rows`` rows of ``row_shape`` is refused before its data is converted."""
     name = spec.get("name")
     datatype = spec.get("datatype")
     shape = spec.get("shape")
     count = element_count(name, shape)
     dtype = tensor_dtype(name, datatype)
+    check_declared_shape(shape, row_shape, max_rows, f"input {name!r}")
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput(f"input {name!r}: parameters must be an object")
     size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if type(size) is not int or size < 0 or offset + size > len(binary):
             raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the binary section")
         return from_buffer(name, datatype, shape, binary[offset:offset + size]), offset + size
     data = spec.get("data")
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r}: needs data (a list) or parameters.binary_data_size")
-    try:
-        array = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f"input {name!r}: data is not a regular array of {datatype} values") from None
+    array = strict_array(data, dtype, f"input {name!r}", datatype)
     if array.size != count:
         raise InvalidInput(f"input {name!r}: {array.size} values for shape {shape} (expected {count})")
     return shaped(array, shape, name), offset
@@ -99,14 +103,16 @@ def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[
     if not isinstance(requested, list):
         raise InvalidInput("outputs must be a list")
     result = []
+    seen: set[str] = set()
     for out in requested:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str) or out["name"] not in known:
             raise InvalidInput(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}; "
                                f"this model has {sorted(known)}")
+        if out["name"] in seen:  # each copy would be answered in full: a cheap request for a huge response
+            raise InvalidInput(f"output {out['name']!r} is requested more than once")
+        seen.add(out["name"])
         params = out.get("parameters") or {}
-        k = params.get("classification", 0) if isinstance(params, dict) else 0
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise InvalidInput("classification must be a non-negative integer")
+        k = json_count(params.get("classification", 0) if isinstance(params, dict) else 0, "classification")
         binary = params.get("binary_data", binary_default) if isinstance(params, dict) else binary_default
         result.append((out["name"], bool(binary), k))
     return result
@@ -141,21 +147,32 @@ def _infer_response(mv: ModelVersion, outputs: Outputs, payload: dict[str, Any])
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
+def _decode_request(header: str | None, body: bytes, mv: ModelVersion, max_rows: int) -> tuple[Any, np.ndarray]:
+    """The JSON payload and the input tensor of a request body (on a worker thread when the body is large)."""
+    payload, binary = _split_body(header, body)
+    if not isinstance(payload, dict):
+        raise InvalidInput("inference request must be a JSON object")
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InvalidInput(f"inference request needs exactly one input, {mv.input.name!r}")
+    if inputs[0].get("name") != mv.input.name:
+        raise InvalidInput(f"unknown input {inputs[0].get('name')!r}; this model takes {mv.input.name!r}")
+    _requested_outputs(payload, mv)  # reject bad output requests before converting data or running the model
+    tensor, _ = _input_tensor(inputs[0], binary, 0, tuple(mv.input.shape[1:]), max_rows)
+    return payload, tensor
+
+
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
+    settings = dataplane.settings
     async with dataplane.admitted(name, version) as mv:
-        body = await read_body(request, dataplane.settings.max_body_bytes)
-        payload, binary = _split_body(request, body)
-        if not isinstance(payload, dict):
-            raise InvalidInput("inference request must be a JSON object")
-        inputs = payload.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise InvalidInput(f"inference request needs exactly one input, {mv.input.name!r}")
-        if inputs[0].get("name") != mv.input.name:
-            raise InvalidInput(f"unknown input {inputs[0].get('name')!r}; this model takes {mv.input.name!r}")
-        _requested_outputs(payload, mv)  # reject bad output requests before running the model
-        tensor, _ = _input_tensor(inputs[0], binary, 0)
-        result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), disconnect_probe(request))
+        body = await read_body(request, settings.max_body_bytes)
+        payload, tensor = await off_loop(len(body), _decode_request, request.headers.get(HEADER_LENGTH), body, mv,
+                                         settings.max_request_rows)
+        rows = dataplane.check_rows(mv, tensor)
+        check_response_bytes(response_bytes(mv, len(rows), _requested_outputs(payload, mv)),
+                             settings.max_response_bytes)
+        result = await dataplane.infer(mv, rows, disconnect_probe(request))
         return _infer_response(result.model, result.outputs, payload)
 
 

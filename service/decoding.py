@@ -1,0 +1,85 @@
+"""Where a request's images are decoded: cheap ones in the batch, expensive ones in a pool, under a deadline.
+
+Headers are read first (:func:`service.preprocessing.open_images`: formats, pixel and scan limits, the
+request's pixel budget), which tells the decoding work before any of it is done. Requests within a small
+budget (thumbnails, digits, CIFAR-sized photos: nearly all traffic) are decoded on the model's inference
+thread as part of its batch, which costs no extra thread hop. Larger ones are decoded in a pool of
+``decode_threads`` threads shared by all models, so a slow decode never holds up another client's batch,
+and the request's deadline runs while it waits for and occupies that pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from service.batching import Gone
+from service.errors import ClientDisconnected, DeadlineExceeded
+from service.preprocessing import ImageLimits, ImageSpec, OpenedImage, images_to_rows, open_images
+
+Observe = Callable[[float], None]
+
+
+class DecodePool:
+    """Decodes the images of large requests off the inference threads, each request under its deadline."""
+
+    def __init__(self, threads: int, limits: ImageLimits, inline_work: int, timeout_s: float) -> None:
+        self.limits = limits
+        self.inline_work = inline_work
+        self.timeout_s = timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    async def outputs(self, images: list[bytes], spec: ImageSpec, observe: Observe,
+                      run_rows: Callable[[np.ndarray], Awaitable[np.ndarray]],
+                      run_prepared: Callable[[int, Callable[[], np.ndarray]], Awaitable[np.ndarray]],
+                      gone: Gone | None = None) -> np.ndarray:
+        """Model outputs for encoded images: ``run_prepared(n, prepare)`` queues a request whose rows are
+        made in the batch, ``run_rows(rows)`` one whose rows are ready; ``observe`` gets the decoding time."""
+        opened = open_images(images, self.limits)
+        if sum(item.work for item in opened) <= self.inline_work:
+            def prepare() -> np.ndarray:
+                started = time.perf_counter()
+                rows = images_to_rows(opened, spec)
+                observe(time.perf_counter() - started)
+                return rows
+
+            return await run_prepared(len(opened), prepare)
+        return await run_rows(await self._decode(opened, spec, observe, gone))
+
+    async def _decode(self, opened: list[OpenedImage], spec: ImageSpec, observe: Observe,
+                      gone: Gone | None) -> np.ndarray:
+        deadline = time.monotonic() + self.timeout_s
+        stop = threading.Event()  # set when the request no longer waits: its images are skipped
+
+        def check() -> None:
+            if stop.is_set() or time.monotonic() > deadline:
+                raise DeadlineExceeded(self._late())
+            if gone is not None and gone():
+                raise ClientDisconnected("client disconnected while its images were decoded")
+
+        def decode() -> np.ndarray:
+            started = time.perf_counter()
+            try:
+                return images_to_rows(opened, spec, check)
+            finally:
+                observe(time.perf_counter() - started)
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, decode)
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded(self._late()) from None
+        finally:
+            stop.set()
+
+    def _late(self) -> str:
+        return f"decoding the request's images took longer than its {self.timeout_s:g}s deadline"
+
+    def close(self) -> None:
+        """Stop taking work; a decode that is running finishes its current image and stops (its request is gone)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

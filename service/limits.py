@@ -1,0 +1,75 @@
+"""Bounds on the work and the answer of one request, checked before the work is done.
+
+Declared tensor sizes are checked before any JSON list is converted; large bodies are parsed and
+converted on a worker thread so that the event loop (health probes, other clients) keeps answering;
+the response size is known before the model runs; and non-finite model outputs never reach a client
+or the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from service.errors import InvalidInput, NonFiniteOutput
+
+T = TypeVar("T")
+
+OFF_LOOP_BYTES = 256 * 1024
+"""Bodies from this size on are parsed and converted on a worker thread: a 20 MB JSON tensor takes seconds
+to convert, while below this the thread hop would cost more than the work."""
+JSON_FP32_BYTES = 16  # the longest FP32 orjson writes ("-1.1754944e-38") and its comma
+JSON_VALUE_BYTES = 26  # the longest FP64 or INT64 ("-2.2250738585072014e-308") and its comma
+CLASSIFICATION_BYTES = 40  # "0.999999:123:" in quotes with its length prefix or comma, before the label
+
+
+async def off_loop(size: int, work: Callable[..., T], *args: Any) -> T:
+    """Run ``work(*args)`` here when its input (``size`` bytes) is small, else on a worker thread."""
+    if size < OFF_LOOP_BYTES:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
+
+
+def check_rows(rows: int, max_rows: int) -> None:
+    if rows > max_rows:
+        raise InvalidInput(f"{rows} rows exceed the limit of {max_rows} per request")
+
+
+def check_declared_shape(shape: Sequence[int], row_shape: Sequence[int], max_rows: int, where: str) -> None:
+    """Refuse a declared tensor shape that holds more than ``max_rows`` rows' worth of values, before its
+    data is converted (the exact shape is checked against the model afterwards)."""
+    if len(shape) == len(row_shape) + 1:
+        check_rows(shape[0], max_rows)
+    limit = max_rows * math.prod(row_shape)
+    count = math.prod(shape)
+    if count > limit:
+        raise InvalidInput(f"{where}: shape {list(shape)} holds {count} values, more than the limit of "
+                           f"{limit} ({max_rows} rows) per request")
+
+
+def check_response_bytes(estimate: int, limit: int) -> None:
+    """Refuse, before inference, a request whose answer would exceed ``limit`` bytes."""
+    if estimate > limit:
+        raise InvalidInput(f"the response would take about {estimate} bytes, more than the limit of {limit} "
+                           f"bytes: ask for fewer rows or outputs")
+
+
+def finite_outputs(outputs: dict[str, np.ndarray], model: str) -> dict[str, np.ndarray]:
+    """The outputs, if every value of every output is finite; else a 422 naming the rows (extreme inputs
+    overflow a model: ±3.4e38 makes NaN probabilities)."""
+    bad_rows: set[int] = set()
+    for values in outputs.values():
+        finite = np.isfinite(values)
+        if not finite.all():
+            rows = finite.reshape(len(finite), -1).all(axis=1) if values.ndim else np.array([False])
+            bad_rows.update(np.flatnonzero(~rows).tolist())
+    if not bad_rows:
+        return outputs
+    bad = sorted(bad_rows)
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    raise NonFiniteOutput(f"model {model} produced non-finite outputs (NaN or Inf) for row(s) {shown}; "
+                          f"its input is raw pixel values, 0 to 255")
