@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     """Most rows (images) one tensor request (KServe v2, TF Serving) may carry (400 above)."""
     max_request_pixels: int = Field(50_000_000, ge=1)
     """Most declared pixels (width x height, summed over its images) one request may decode (413 above)."""
-    max_jpeg_scans: int = Field(40, ge=1)
+    max_jpeg_scans: int = Field(32, ge=1)
     """Most scans one JPEG may have; encoders write at most about a dozen, and each scan costs a full pass
     over the image when it is decoded (a small progressive JPEG with thousands of scans takes minutes)."""
     decode_threads: int = Field(default_factory=lambda: max(1, available_cpus() // 2), ge=1)

@@ -1,0 +1,645 @@
+"""Hardening against an adversarial review (issue 21), on real server processes: bounded decode work per image
+and per request, decoding that never holds up another client, unique outputs and a bounded answer, strict
+numbers everywhere, finite outputs and metrics, sizes checked before large JSON is converted, closed metric
+labels, no redirects, and a /docs page that loads nothing from elsewhere."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import math
+import re
+import struct
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+ROW = 28 * 28
+V2 = "/v2/models/mnist/infer"
+TF = "/v1/models/mnist:predict"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+# --- Inputs ------------------------------------------------------------------------------------
+
+def progressive_jpeg(size: int, extra_scans: int = 0, color: tuple[int, int, int] = (200, 100, 50)) -> bytes:
+    """A flat progressive JPEG of size x size whose last scan is repeated ``extra_scans`` more times: each copy
+    is a few bytes, and each makes the decoder pass over every block of the image once more."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    last = data.rfind(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra_scans + b"\xff\xd9"
+
+
+def gif_declaring(width: int, height: int) -> bytes:
+    """A GIF of a few dozen bytes whose header declares width x height (its pixel data is one LZW code)."""
+    screen = struct.pack("<6sHHBBB", b"GIF89a", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + image + b"\x3b"
+
+
+def digit_png(digits, index: int = 0) -> bytes:
+    return digits[index][0]
+
+
+def v2_json(rows: np.ndarray, **extra) -> dict:
+    return {"inputs": [{"name": "image", "shape": list(rows.shape), "datatype": "FP32",
+                        "data": rows.ravel().tolist()}], **extra}
+
+
+def v2_binary(rows: np.ndarray, outputs: list[dict] | None = None) -> tuple[bytes, dict[str, str]]:
+    raw = rows.astype("<f4").tobytes()
+    header = {"inputs": [{"name": "image", "shape": list(rows.shape), "datatype": "FP32",
+                          "parameters": {"binary_data_size": len(raw)}}]}
+    if outputs is not None:
+        header["outputs"] = outputs
+    head = json.dumps(header).encode()
+    return head + raw, {HEADER_LENGTH: str(len(head)), "content-type": "application/octet-stream"}
+
+
+def digit_rows(digits, n: int) -> tuple[np.ndarray, list[int]]:
+    """n real digits as raw-pixel rows [n, 28, 28, 1] (they are already MNIST-like) and their labels."""
+    rows = np.stack([np.asarray(Image.open(io.BytesIO(digits[i % len(digits)][0])).convert("L"), np.float32)
+                     for i in range(n)])[..., None]
+    return rows, [digits[i % len(digits)][1] for i in range(n)]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def send_images(http: httpx.Client, how: str, images: list[bytes]) -> httpx.Response:
+    """The same images through each way the service takes them."""
+    if how == "multipart":
+        return http.post("/models/mnist/predict", files=[("files", (f"{i}.img", d, "application/octet-stream"))
+                                                         for i, d in enumerate(images)])
+    if how == "json":
+        return http.post("/models/mnist/predict", json={"images": [b64(d) for d in images]})
+    if how == "tf b64":
+        return http.post(TF, json={"instances": [{"b64": b64(d)} for d in images]})
+    assert how == "raw" and len(images) == 1
+    return http.post("/models/mnist/predict", content=images[0], headers={"content-type": "image/jpeg"})
+
+
+# --- 1. Decode work per image -----------------------------------------------------------------------
+
+class TestJpegScanLimit:
+    """A progressive JPEG with its last scan repeated stays small but costs a pass over the image per scan:
+    more scans than any encoder writes (default limit 32) are refused from the bytes, before decoding."""
+
+    @pytest.mark.parametrize("extra", [40, 1000, 20000])
+    @pytest.mark.parametrize("how", ["multipart", "json", "tf b64", "raw"])
+    def test_a_jpeg_with_more_scans_than_encoders_write_is_413(self, extra, how, http, server, assert_error,
+                                                                assert_still_serving):
+        evil = progressive_jpeg(1024, extra)
+        assert len(evil) < 400_000  # small: the byte limits never see it
+        message = assert_error(send_images(http, how, [evil]), 413, "scans exceeds the limit of 32 scans")
+        assert f"JPEG with {10 + extra} scans" in message
+        assert_still_serving(server)
+
+    def test_the_scan_limit_names_the_image_of_a_batch(self, http, server, digits, assert_error,
+                                                        assert_still_serving):
+        response = send_images(http, "multipart", [digit_png(digits), progressive_jpeg(256, 100)])
+        assert_error(response, 413, "image 1: JPEG with 110 scans exceeds the limit of 32 scans")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("mode", ["RGB", "L"])
+    @pytest.mark.parametrize("how", ["multipart", "json", "tf b64"])
+    def test_real_progressive_and_optimised_jpegs_are_classified(self, mode, how, http, server, digits,
+                                                                  assert_still_serving):
+        images, labels = [], []
+        for png, label in digits[:6]:
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(png)).convert(mode).resize((112, 112)).save(
+                buffer, "JPEG", progressive=True, optimize=True, quality=95)
+            images.append(buffer.getvalue())
+            labels.append(label)
+        response = send_images(http, how, images)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        got = [p["class_id"] for p in body["predictions"]] if how != "tf b64" else \
+            [int(np.argmax(p)) for p in body["predictions"]]
+        assert got == labels
+        assert_still_serving(server)
+
+
+class TestSlowDecodesDoNotBlockOthers:
+    """With the scan limit raised, a JPEG that takes seconds to decode is decoded in the decode pool: the
+    model's other clients are answered meanwhile, and the slow request ends at its deadline (504)."""
+
+    @pytest.fixture(scope="class")
+    def lenient(self, start_server, models_root):
+        return start_server(models_root, CONVSERVE_MAX_JPEG_SCANS="100000", CONVSERVE_REQUEST_TIMEOUT_SECONDS="1",
+                            CONVSERVE_DECODE_THREADS="1")
+
+    @pytest.fixture(scope="class")
+    def slow_jpeg(self) -> bytes:
+        return progressive_jpeg(2048, 3000)  # tens of seconds of decoding in one request
+
+    def test_a_decode_past_the_deadline_is_504_naming_it(self, lenient, slow_jpeg, assert_error,
+                                                        assert_still_serving):
+        response = httpx.post(f"{lenient.url}/models/mnist/predict", content=slow_jpeg,
+                              headers={"content-type": "image/jpeg"}, timeout=120)
+        assert_error(response, 504, "decoding the request's images took longer than its 1s deadline")
+        assert_still_serving(lenient)
+
+    @pytest.mark.parametrize("how", ["multipart", "tf b64"])
+    def test_other_clients_of_the_same_model_are_answered_while_it_decodes(self, how, lenient, slow_jpeg, digits,
+                                                                            assert_error, assert_still_serving):
+        with httpx.Client(base_url=lenient.url, timeout=120) as http, \
+                concurrent.futures.ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(send_images, http, how, [slow_jpeg])
+            answered = []
+            for png, label in digits[:12]:  # sent while the slow one holds the only decode thread
+                response = http.post("/models/mnist/predict", files={"file": ("d.png", png, "image/png")})
+                assert response.status_code == 200, response.text
+                answered.append(response.json()["predictions"][0]["class_id"] == label)
+            assert all(answered)
+            assert_error(slow.result(), 504, "deadline")
+        assert_still_serving(lenient)
+
+    def test_the_decode_pool_frees_up_after_a_timed_out_decode(self, lenient, digits, assert_still_serving):
+        big = io.BytesIO()
+        Image.open(io.BytesIO(digits[3][0])).convert("L").resize((1400, 1400)).save(big, "PNG")
+        response = httpx.post(f"{lenient.url}/models/mnist/predict", content=big.getvalue(),
+                              headers={"content-type": "image/png"}, timeout=120)
+        # a large image goes through the pool too; once the slow decodes have stopped it is answered
+        for _ in range(60):
+            if response.status_code == 200:
+                break
+            response = httpx.post(f"{lenient.url}/models/mnist/predict", content=big.getvalue(),
+                                  headers={"content-type": "image/png"}, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["class_id"] == digits[3][1]
+        assert_still_serving(lenient)
+
+
+# --- 6. Pixels per request ---------------------------------------------------------------------------
+
+class TestRequestPixelBudget:
+    """Every image within the per-image limit is not enough: the pixels of all of a request's images together
+    are bounded (default 50 MP), from their headers, before any is decoded."""
+
+    @pytest.mark.parametrize("count", [3, 8, 64])
+    @pytest.mark.parametrize("how", ["multipart", "json", "tf b64"])
+    def test_many_tiny_gifs_declaring_25_megapixels_each_are_413(self, count, how, http, server, assert_error,
+                                                                  assert_still_serving):
+        gif = gif_declaring(5000, 5000)
+        assert len(gif) < 64
+        response = send_images(http, how, [gif] * count)
+        assert_error(response, 413, "images of 75000000 pixels in all (up to image 2) exceed the limit of "
+                                    "50000000 pixels per request")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2)], ids=["gif first", "png first"])
+    def test_formats_add_up_to_one_budget(self, order, http, server, big_png, assert_error, assert_still_serving):
+        # 25 MP + 24 MP fit; the 1,001,000 pixels of a third, small image do not
+        images = [gif_declaring(5000, 5000), big_png, gif_declaring(1000, 1001)]
+        response = send_images(http, "multipart", [images[i] for i in order])
+        assert_error(response, 413, "images of 50001000 pixels in all (up to image 2) exceed the limit of "
+                                    "50000000 pixels per request")
+        assert_still_serving(server)
+
+    @pytest.fixture(scope="class")
+    def big_png(self) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (6000, 4000)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def test_a_request_within_the_budget_is_served(self, http, server, digits, assert_still_serving):
+        images = [digit_png(digits, i % len(digits)) for i in range(64)]
+        response = send_images(http, "multipart", images)
+        assert response.status_code == 200, response.text
+        assert [p["class_id"] for p in response.json()["predictions"]] == [digits[i % len(digits)][1]
+                                                                           for i in range(64)]
+        assert_still_serving(server)
+
+
+# --- 2. Repeated outputs, bounded answers ------------------------------------------------------------
+
+class TestRepeatedOutputs:
+    """Each requested output used to be answered in full, so 1,000 copies of one name made a 115 MB answer:
+    an output may be named once."""
+
+    @pytest.mark.parametrize("outputs", [
+        [{"name": "probabilities"}] * 2,
+        [{"name": "probabilities"}] * 1000,
+        [{"name": "probabilities", "parameters": {"classification": 3}}] * 250,
+        [{"name": "probabilities"}, {"name": "probabilities", "parameters": {"classification": 2}}],
+        [{"name": "probabilities", "parameters": {"binary_data": True}}, {"name": "probabilities"}],
+    ], ids=["twice", "1000 times", "classification 250 times", "plain and classification", "binary and json"])
+    @pytest.mark.parametrize("encoding", ["json", "binary"])
+    def test_an_output_named_twice_is_400(self, outputs, encoding, http, server, digits, assert_error,
+                                          assert_still_serving):
+        rows, _ = digit_rows(digits, 4)
+        if encoding == "json":
+            response = http.post(V2, json=v2_json(rows, outputs=outputs))
+        else:
+            body, headers = v2_binary(rows, outputs)
+            response = http.post(V2, content=body, headers=headers)
+        assert_error(response, 400, "output 'probabilities' is requested more than once")
+        assert_still_serving(server)
+
+    def test_each_output_once_is_answered(self, http, server, digits, assert_still_serving):
+        rows, labels = digit_rows(digits, 4)
+        response = http.post(V2, json=v2_json(rows, outputs=[{"name": "probabilities",
+                                                                "parameters": {"classification": 1}}]))
+        assert response.status_code == 200, response.text
+        [output] = response.json()["outputs"]
+        assert [int(v.split(":")[1]) for v in output["data"]] == labels
+        assert_still_serving(server)
+
+
+class TestResponseSizeBound:
+    """CONVSERVE_MAX_RESPONSE_BYTES bounds an answer, estimated before the model runs."""
+
+    @pytest.fixture(scope="class")
+    def small_answers(self, start_server, models_root):
+        return start_server(models_root, CONVSERVE_MAX_RESPONSE_BYTES="4096")
+
+    @pytest.mark.parametrize("rows,outputs", [
+        (64, None), (64, [{"name": "probabilities"}]),
+        (64, [{"name": "probabilities", "parameters": {"classification": 10}}]), (200, None)])
+    def test_an_answer_over_the_limit_is_refused_before_inference(self, rows, outputs, small_answers, digits,
+                                                                  assert_error, assert_still_serving):
+        before = small_answers.metric('convserve_batch_rows_sum{model="mnist",version="1"}')
+        tensor, _ = digit_rows(digits, rows)
+        payload = v2_json(tensor, **({"outputs": outputs} if outputs else {}))
+        response = httpx.post(f"{small_answers.url}{V2}", json=payload, timeout=60)
+        assert_error(response, 400, "more than the limit of 4096 bytes: ask for fewer rows or outputs")
+        assert small_answers.metric('convserve_batch_rows_sum{model="mnist",version="1"}') == before
+        assert_still_serving(small_answers)
+
+    @pytest.mark.parametrize("rows", [1, 16])
+    def test_answers_under_the_limit_are_served(self, rows, small_answers, digits, assert_still_serving):
+        tensor, labels = digit_rows(digits, rows)
+        body, headers = v2_binary(tensor, [{"name": "probabilities", "parameters": {"binary_data": True}}])
+        response = httpx.post(f"{small_answers.url}{V2}", content=body, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        n = int(response.headers[HEADER_LENGTH.lower()])
+        probabilities = np.frombuffer(response.content[n:], "<f4").reshape(rows, 10)
+        assert probabilities.argmax(axis=1).tolist() == labels
+        assert_still_serving(small_answers)
+
+
+# --- 3. Strict numbers ---------------------------------------------------------------------------------
+
+NOT_ASCII_COUNTS = ["²", "¹", "３", "٣", "1_0", " 10", "10 ", "+10", "-1", "0x10", "1e3", "", "9" * 19, "9" * 4301]
+
+
+class TestStrictNumbers:
+    """Python's isdigit() and int() accept superscripts, other scripts' digits, underscores and spaces, and
+    int() refuses 4,301 digits: every numeric header, query and JSON field takes ASCII digits or a JSON
+    integer, and anything else is a 400 naming the field (was 500 for '²')."""
+
+    @pytest.mark.parametrize("value", [v for v in NOT_ASCII_COUNTS if v.strip() == v] + ["1 0", "1\t0"])
+    def test_inference_header_content_length_takes_ascii_digits_only(self, value, http, server, digits,
+                                                                     assert_error, assert_still_serving):
+        rows, _ = digit_rows(digits, 1)
+        body, headers = v2_binary(rows)
+        headers[HEADER_LENGTH] = value.encode("utf-8")
+        response = http.post(V2, content=body, headers=headers)
+        assert_error(response, 400, "inference-header-content-length must be a whole number written in ASCII "
+                                    "digits")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("value", [v for v in NOT_ASCII_COUNTS if v] + ["0", "true", "2.9"])
+    @pytest.mark.parametrize("where", ["query", "form"])
+    def test_top_k_as_text_takes_positive_ascii_integers_only(self, value, where, http, server, digits,
+                                                               assert_error, assert_still_serving):
+        if where == "query":
+            response = http.post("/models/mnist/predict", params={"top_k": value}, content=digit_png(digits),
+                                 headers={"content-type": "image/png"})
+        else:
+            response = http.post("/models/mnist/predict", data={"top_k": value},
+                                 files={"file": ("d.png", digit_png(digits), "image/png")})
+        assert_error(response, 400, "top_k must be a positive integer")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("value", [True, False, 2.9, 3.0, "3", "３", -1, 0, [3], {"k": 3}])
+    def test_top_k_in_json_takes_a_positive_integer_only(self, value, http, server, digits, assert_error,
+                                                         assert_still_serving):
+        response = http.post("/models/mnist/predict", json={"images": [b64(digit_png(digits))], "top_k": value})
+        assert_error(response, 400, "top_k must be a positive integer")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("value", [True, 2.9, "3", -1, None, [1]])
+    def test_classification_takes_a_non_negative_json_integer(self, value, http, server, digits, assert_error,
+                                                               assert_still_serving):
+        rows, _ = digit_rows(digits, 1)
+        payload = v2_json(rows, outputs=[{"name": "probabilities", "parameters": {"classification": value}}])
+        assert_error(http.post(V2, json=payload), 400, "classification must be a non-negative integer")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("value", [True, 3136.0, "3136", -1])
+    def test_binary_data_size_takes_a_json_integer(self, value, http, server, digits, assert_error,
+                                                   assert_still_serving):
+        rows, _ = digit_rows(digits, 1)
+        raw = rows.astype("<f4").tobytes()
+        head = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": value}}]}).encode()
+        response = http.post(V2, content=head + raw, headers={HEADER_LENGTH: str(len(head))})
+        assert_error(response, 400, "binary_data_size")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("value", ["1", "5", "10", "99"])
+    def test_plain_ascii_numbers_still_work(self, value, http, server, digits, assert_still_serving):
+        response = http.post("/models/mnist/predict", params={"top_k": value}, content=digit_png(digits),
+                             headers={"content-type": "image/png"})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["predictions"][0]["top_k"]) == min(int(value), 10)
+        assert_still_serving(server)
+
+
+def filled(datatype: str, value: object) -> dict:
+    """A v2 request for one 28x28 row of ``datatype`` whose every value is ``value``."""
+    return {"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": datatype, "data": [value] * ROW}]}
+
+
+class TestStrictTensorValues:
+    """A tensor's data are JSON values of its datatype: numbers for FP32 (not "1e3"), integers for integer
+    types (not 2.5), booleans for BOOL (not "x"), in range. Nothing is coerced."""
+
+    @pytest.mark.parametrize("datatype,value", [
+        ("FP32", "1e3"), ("FP32", "３"), ("FP32", "nan"), ("FP32", None), ("FP32", True), ("FP32", {"v": 1}),
+        ("FP64", "0.5"), ("BOOL", "x"), ("BOOL", 1), ("BOOL", 0.0), ("INT32", 2.5), ("INT32", "7"),
+        ("INT32", True), ("UINT8", "200")])
+    def test_v2_data_of_another_type_is_400(self, datatype, value, http, server, assert_error,
+                                            assert_still_serving):
+        assert_error(http.post(V2, json=filled(datatype, value)), 400,
+                     f"data is not a regular array of {datatype} values")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("datatype,value", [("UINT8", 256), ("UINT8", -1), ("INT8", 128), ("INT16", -40000),
+                                                ("UINT32", 2**32)])
+    def test_v2_integers_out_of_range_are_400(self, datatype, value, http, server, assert_error,
+                                              assert_still_serving):
+        assert_error(http.post(V2, json=filled(datatype, value)), 400, f"data has values out of range for {datatype}")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("value", ["1e3", "３", True, None])
+    @pytest.mark.parametrize("form", ["instances", "inputs"])
+    def test_tf_serving_values_that_are_not_numbers_are_400(self, value, form, http, server, assert_error,
+                                                           assert_still_serving):
+        tensor = [[[[value]] * 28] * 28]
+        assert_error(http.post(TF, json={form: tensor}), 400, f"{form}: not a regular numeric array")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("datatype,values", [
+        ("FP32", None), ("FP64", None), ("UINT8", "uint8"), ("INT32", "int32"), ("BOOL", "bool")])
+    def test_values_of_the_right_type_are_served(self, datatype, values, http, server, digits,
+                                                  assert_still_serving):
+        rows, labels = digit_rows(digits, 2)
+        data = rows.ravel().tolist() if values is None else rows.ravel().astype(values).tolist()
+        payload = {"inputs": [{"name": "image", "shape": [2, 28, 28, 1], "datatype": datatype, "data": data}]}
+        response = http.post(V2, json=payload)
+        assert response.status_code == 200, response.text
+        if datatype != "BOOL":  # a black and white digit still is a digit, but not necessarily this one
+            assert np.argmax(np.reshape(response.json()["outputs"][0]["data"], (2, 10)), axis=1).tolist() == labels
+        assert_still_serving(server)
+
+
+# --- 5. Non-finite outputs ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def overflow_server(start_server, tmp_path_factory, models_root, tiny_onnx):
+    """mnist, plus ``overflow``: the tiny model with weights scaled up, so that extreme but finite FP32 inputs
+    (±3.4e38) overflow its logits to ±Inf and its softmax to NaN; pixel values give finite answers."""
+    root = tmp_path_factory.mktemp("overflow") / "models"
+    root.mkdir()
+    (root / "mnist").symlink_to(models_root / "mnist", target_is_directory=True)
+    model = tiny_onnx(seed=5)
+    weights = next(t for t in model.graph.initializer if t.name == "weights")
+    weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1e6, "weights"))
+    directory = root / "overflow" / "1"
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.onnx")
+    (directory / "metadata.json").write_text(json.dumps({"labels": [str(i) for i in range(10)], "digit": True}))
+    return start_server(root)
+
+
+def extreme_rows(kind: str, n: int = 1) -> np.ndarray:
+    top = float(np.finfo(np.float32).max)
+    rows = np.full((n, 28, 28, 1), top, np.float32)
+    if kind == "negative":
+        rows = -rows
+    elif kind == "alternating":
+        rows[:, ::2] = -top
+    return rows
+
+
+class TestNonFiniteOutputs:
+    """A model whose answer for a well-formed input is NaN or Inf answers 422 naming the rows; nothing of it
+    reaches the prediction metrics, whose confidence sum stays finite."""
+
+    @pytest.mark.parametrize("kind", ["positive", "negative", "alternating"])
+    @pytest.mark.parametrize("protocol", ["v2 json", "v2 binary", "tf serving"])
+    def test_non_finite_outputs_are_422_and_not_counted(self, kind, protocol, overflow_server, assert_error,
+                                                        assert_still_serving):
+        url = overflow_server.url
+        counted_before = overflow_server.metrics().count("convserve_predicted_class_total{")
+        class_sum = _predicted_total(overflow_server.metrics())
+        invalid = 'convserve_inference_requests_total{model="overflow",outcome="invalid",version="1"}'
+        invalid_before = overflow_server.metric(invalid)
+        rows = extreme_rows(kind, 3)
+        if protocol == "v2 json":
+            response = httpx.post(f"{url}/v2/models/overflow/infer", json=v2_json(rows), timeout=30)
+        elif protocol == "v2 binary":
+            body, headers = v2_binary(rows)
+            response = httpx.post(f"{url}/v2/models/overflow/infer", content=body, headers=headers, timeout=30)
+        else:
+            response = httpx.post(f"{url}/v1/models/overflow:predict", json={"instances": rows.tolist()}, timeout=30)
+        assert_error(response, 422, "model overflow:1 produced non-finite outputs (NaN or Inf) for row(s) 0, 1, 2")
+        text = overflow_server.metrics()
+        assert text.count("convserve_predicted_class_total{") == counted_before
+        assert _predicted_total(text) == class_sum
+        assert overflow_server.metric(invalid) == invalid_before + 1
+        confidence = re.search(r'^convserve_prediction_confidence_sum\{model="overflow",version="1"\} (\S+)$',
+                               text, re.MULTILINE)
+        assert confidence is None or math.isfinite(float(confidence.group(1)))
+        assert_still_serving(overflow_server)
+
+    def test_only_the_non_finite_rows_are_named_and_pixel_inputs_are_served(self, overflow_server, digits,
+                                                                           assert_error, assert_still_serving):
+        rows, _ = digit_rows(digits, 4)
+        mixed = np.concatenate([rows, extreme_rows("alternating", 1), rows[:1]])
+        response = httpx.post(f"{overflow_server.url}/v2/models/overflow/infer", json=v2_json(mixed), timeout=30)
+        assert_error(response, 422, "for row(s) 4;")
+        ok = httpx.post(f"{overflow_server.url}/v2/models/overflow/infer", json=v2_json(rows), timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert all(math.isfinite(v) for v in ok.json()["outputs"][0]["data"])
+        text = overflow_server.metrics()
+        confidence = re.search(r'^convserve_prediction_confidence_sum\{model="overflow",version="1"\} (\S+)$',
+                               text, re.MULTILINE)
+        assert confidence is not None and math.isfinite(float(confidence.group(1)))
+        assert_still_serving(overflow_server)
+
+
+def _predicted_total(text: str) -> float:
+    return sum(float(v) for v in re.findall(r"^convserve_predicted_class_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
+
+
+# --- 7. Large JSON tensors -----------------------------------------------------------------------------------
+
+class TestLargeJsonTensors:
+    """Sizes are checked before a JSON tensor is converted (the conversion of a 20 MB body takes seconds), and
+    large bodies are parsed and converted on a worker thread, so liveness keeps answering meanwhile."""
+
+    @pytest.mark.parametrize("value", [0.5, "x"])
+    def test_too_many_tf_serving_instances_are_refused_before_conversion(self, value, http, server, assert_error,
+                                                                         assert_still_serving):
+        # strings would fail the conversion: the row count is what is reported, so it was checked first
+        response = http.post(TF, json={"instances": [[value]] * 50_000})
+        assert_error(response, 400, "50000 rows exceed the limit of 64 per request")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("shape", [[65, 28, 28, 1], [100000, 28, 28, 1], [64 * ROW + 1], [1, 64 * ROW + 1]])
+    def test_v2_declared_shapes_over_the_limit_are_refused_before_conversion(self, shape, http, server,
+                                                                             assert_error, assert_still_serving):
+        payload = {"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": ["x"] * 1000}]}
+        response = http.post(V2, json=payload)
+        if len(shape) == 4:
+            assert_error(response, 400, f"{shape[0]} rows exceed the limit of 64 per request")
+        else:
+            assert_error(response, 400, f"input 'image': shape {shape} holds {math.prod(shape)} values, more than "
+                                        f"the limit of {64 * ROW} (64 rows) per request")
+        assert_still_serving(server)
+
+    def test_liveness_answers_while_large_bodies_are_converted(self, start_server, models_root, digits,
+                                                               assert_still_serving):
+        big = start_server(models_root, CONVSERVE_MAX_BODY_BYTES=str(24 * 1024 * 1024),
+                           CONVSERVE_MAX_QUEUE_SIZE="8192")
+        rows, _ = digit_rows(digits, 1024)
+        body = json.dumps({"instances": rows.tolist()}).encode()
+        assert len(body) > 2_000_000
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            heavy = [pool.submit(httpx.post, f"{big.url}{TF}", content=body,
+                                 headers={"content-type": "application/json"}, timeout=120) for _ in range(3)]
+            probes = 0
+            while not all(f.done() for f in heavy):
+                # a liveness probe that hangs for seconds fails the orchestrator's probe (1 s by default)
+                assert httpx.get(f"{big.url}/v2/health/live", timeout=5).status_code == 200
+                probes += 1
+            assert [f.result().status_code for f in heavy] == [200] * 3, heavy[0].result().text
+        assert probes > 0
+        assert_still_serving(big)
+
+
+# --- 8. Metric labels ----------------------------------------------------------------------------------------
+
+class TestClosedMetricLabels:
+    """HTTP metrics are labelled by method from a closed set (else ``other``) and by route template (else
+    ``unmatched``): made-up methods and paths add no series."""
+
+    KNOWN = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "other"}
+
+    @staticmethod
+    def label_values(text: str, label: str) -> set[str]:
+        return set(re.findall(rf'^convserve_http_[a-z_]+\{{[^}}]*{label}="([^"]*)"', text, re.MULTILINE))
+
+    # Methods the HTTP parser passes on to the app (a made-up token is refused by uvicorn's parser with 400, and
+    # is sent too: it must not reach the metrics either).
+    EXOTIC = ["PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "TRACE", "SEARCH", "REPORT",
+              "PURGE", "LINK", "UNLINK", "SUBSCRIBE", "UNSUBSCRIBE", "NOTIFY", "M-SEARCH", "MERGE", "CHECKOUT",
+              "MKACTIVITY", "ACL", "BIND", "REBIND", "UNBIND", "MKCALENDAR", "SOURCE", "QUERY"]
+    MADE_UP = ["FOO", "get", "Post", "X" * 200, "BREW", "G3T"]
+    PATHS = ["/models/mnist/predict", "/v2/health/ready", "/v2/models/mnist/infer", "/nope"]
+
+    @staticmethod
+    def series(server) -> set[str]:
+        return {line.rsplit(" ", 1)[0] for line in server.metrics().splitlines()
+                if line.startswith("convserve_http_")}
+
+    @pytest.mark.parametrize("methods", [EXOTIC, MADE_UP], ids=["exotic", "made up"])
+    def test_unknown_methods_are_counted_as_other(self, methods, http, server, assert_still_serving):
+        for method in methods:
+            for path in self.PATHS:
+                try:
+                    response = http.request(method, path)
+                except httpx.HTTPError:  # the server's parser closes the connection on some tokens
+                    continue
+                assert response.status_code < 500, (method, path, response.text)
+        after = server.metrics()
+        assert self.label_values(after, "method") <= self.KNOWN
+        assert not any(f'method="{m}"' in after for m in methods if m not in self.KNOWN)
+        if methods is self.EXOTIC:
+            assert 'method="other"' in after
+        assert_still_serving(server)
+
+    def test_series_do_not_grow_with_distinct_methods_or_paths(self, http, server, assert_still_serving):
+        for path in self.PATHS:  # one 'other' method and one unmatched path of each status, first
+            http.request("PROPFIND", path)
+            http.get(f"{path}/unknown/0")
+        first = self.series(server)
+        for i, method in enumerate(self.EXOTIC * 4):
+            for path in self.PATHS:
+                http.request(method, path)
+                http.get(f"{path}/unknown/{i}")
+        assert self.series(server) == first
+        routes = self.label_values(server.metrics(), "route")
+        assert "unmatched" in routes and not any("unknown" in r for r in routes)
+        assert_still_serving(server)
+
+
+# --- Lower: redirects, /docs ---------------------------------------------------------------------------------
+
+class TestNoRedirects:
+    """A trailing slash is a 404 JSON error, never a redirect whose Location echoes the Host header."""
+
+    @pytest.mark.parametrize("method,path", [
+        ("POST", "/v2/repository/index/"), ("POST", "/v2/repository/models/mnist/load/"), ("GET", "/models/"),
+        ("GET", "/v2/models/mnist/ready/"), ("GET", "/v2/health/live/"), ("GET", "/metrics/"),
+        ("POST", "/models/mnist/predict/"), ("GET", "/v1/models/mnist/")])
+    @pytest.mark.parametrize("host", ["evil.example", "127.0.0.1:1"])
+    def test_trailing_slash_is_404_without_location(self, method, path, host, http, server, assert_error,
+                                                    assert_still_serving):
+        response = http.request(method, path, headers={"host": host})
+        assert_error(response, 404, "Not Found")
+        assert "location" not in response.headers
+        assert host not in response.text
+        assert_still_serving(server)
+
+
+class TestDocsPage:
+    """/docs serves Swagger UI from the installed package (no CDN) under a CSP that allows only this origin's
+    script; /redoc, which would load from a CDN, is off."""
+
+    def test_docs_page_loads_nothing_from_elsewhere(self, http, server):
+        response = http.get("/docs")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        page = response.text
+        assert not re.search(r"(src|href)=\"(https?:)?//", page), page
+        assert "<script>" not in page  # no inline script: the CSP forbids it
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp and "default-src 'self'" in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+    @pytest.mark.parametrize("asset,media", [("swagger-ui-bundle.js", "text/javascript"),
+                                             ("swagger-ui.css", "text/css"), ("docs.js", "text/javascript"),
+                                             ("favicon-32x32.png", "image/png")])
+    def test_every_asset_the_page_names_is_served_here(self, asset, media, http, server):
+        page = http.get("/docs").text
+        if asset != "favicon-32x32.png" or "favicon" in page:
+            assert f"/docs/{asset}" in page
+        response = http.get(f"/docs/{asset}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(media)
+        assert "content-security-policy" in response.headers
+        assert len(response.content) > 100
+
+    @pytest.mark.parametrize("path", ["/docs/index.html", "/docs/..%2Fswagger-ui.js", "/docs/oauth2-redirect.html",
+                                      "/docs/swagger-ui-bundle.js.map", "/redoc"])
+    def test_nothing_else_is_served(self, path, http, server, assert_error):
+        assert http.get(path).status_code == 404
+
+    def test_the_initialiser_loads_this_servers_openapi(self, http, server):
+        script = http.get("/docs/docs.js").text
+        assert 'url: "/openapi.json"' in script
+        assert http.get("/openapi.json").status_code == 200
