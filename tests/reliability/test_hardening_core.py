@@ -1,0 +1,219 @@
+"""Hardening of the service core (issue 21, items 4 and 9), on real server processes: a version cannot be torn
+down under a request admitted to it, and model names and versions are matched in full (no trailing newline)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+TOKEN = "core-hardening-token"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def bearer() -> dict[str, str]:
+    return {"authorization": f"Bearer {TOKEN}"}
+
+
+# --- 9. Names and versions match in full -------------------------------------------------------------
+
+# Each is some version or name followed or preceded by something a `$`-anchored `match` lets through, or that
+# only looks like a digit.
+BAD_VERSIONS = ["1%0A", "1%0A%0A", "%0A1", "1%0D%0A", "1%20", "%201", "+1", "%EF%BC%91", "%D9%A1", "1.", "1_"]
+BAD_NAMES = ["mnist%0A", "mnist%0A%0A", "%0Amnist", "mnist%20", "mnist%0D%0A"]
+
+
+class TestVersionsMatchInFull:
+    """A version is ASCII digits and nothing else: ``1\\n`` is no version 1, on every route that takes one."""
+
+    @pytest.mark.parametrize("version", BAD_VERSIONS)
+    @pytest.mark.parametrize("route", ["image predict", "v2 infer", "tf predict"])
+    def test_inference_on_a_near_miss_version_is_404(self, version, route, http, server, digits, assert_error,
+                                                      assert_still_serving):
+        png = digits[0][0]
+        if route == "image predict":
+            response = http.post(f"/models/mnist/versions/{version}/predict", content=png,
+                                 headers={"content-type": "image/png"})
+        elif route == "v2 infer":
+            row = np.asarray(Image.open(io.BytesIO(png)).convert("L"), np.float32)[None, ..., None]
+            response = http.post(f"/v2/models/mnist/versions/{version}/infer", json={"inputs": [
+                {"name": "image", "shape": [1, 28, 28, 1], "datatype": "FP32", "data": row.ravel().tolist()}]})
+        else:
+            response = http.post(f"/v1/models/mnist/versions/{version}:predict",
+                                 json={"instances": [{"b64": base64.b64encode(png).decode()}]})
+        assert_error(response, 404, "model 'mnist' has no version")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("version", BAD_VERSIONS)
+    @pytest.mark.parametrize("path", ["/v1/models/mnist/versions/{v}", "/v1/models/mnist/versions/{v}/metadata",
+                                      "/v2/models/mnist/versions/{v}", "/v2/models/mnist/versions/{v}/ready"])
+    def test_status_and_metadata_of_a_near_miss_version_are_404(self, version, path, http, server, assert_error,
+                                                                 assert_still_serving):
+        response = http.get(path.format(v=version))
+        assert_error(response, 404, "model 'mnist' has no version")
+        assert_still_serving(server)
+
+
+class TestNamesMatchInFull:
+    """A model name with a trailing newline or space is another, unknown name on every route."""
+
+    @pytest.mark.parametrize("name", BAD_NAMES)
+    @pytest.mark.parametrize("method,path", [
+        ("POST", "/models/{n}/predict"), ("POST", "/models/{n}/versions/1/predict"), ("POST", "/v2/models/{n}/infer"),
+        ("GET", "/v2/models/{n}"), ("GET", "/v2/models/{n}/ready"), ("GET", "/v1/models/{n}"),
+        ("GET", "/v1/models/{n}/metadata"), ("POST", "/v1/models/{n}:predict")])
+    def test_a_near_miss_name_is_404(self, name, method, path, http, server, digits, assert_error,
+                                     assert_still_serving):
+        response = http.request(method, path.format(n=name), content=digits[0][0],
+                                headers={"content-type": "image/png"})
+        assert_error(response, 404, "not found")
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("name", BAD_NAMES)
+    @pytest.mark.parametrize("action", ["load", "unload"])
+    def test_the_repository_api_refuses_a_near_miss_name(self, name, action, admin, assert_error,
+                                                         assert_still_serving):
+        response = httpx.post(f"{admin.url}/v2/repository/models/{name}/{action}", headers=bearer(), timeout=30)
+        assert response.status_code in (400, 404), response.text
+        assert_error(response, response.status_code, "mnist")
+        ready = httpx.get(f"{admin.url}/v2/models/mnist/ready", timeout=10)
+        assert ready.status_code == 200  # the real mnist was neither unloaded nor reloaded under another name
+        assert_still_serving(admin)
+
+
+@pytest.fixture()
+def admin(start_server, mnist_repo):
+    return start_server(mnist_repo, CONVSERVE_ADMIN_TOKEN=TOKEN)
+
+
+# --- 4. A version is not torn down under an admitted request --------------------------------------------------
+
+def request_bytes(protocol: str, png: bytes, port: int) -> bytes:
+    """A complete HTTP/1.1 request for one digit, unversioned (it is admitted to the newest version)."""
+    row = np.asarray(Image.open(io.BytesIO(png)).convert("L"), np.float32)[None, ..., None]
+    headers = {"Host": f"127.0.0.1:{port}", "Connection": "close"}
+    if protocol == "image":
+        path, body = "/models/mnist/predict", png
+        headers["Content-Type"] = "image/png"
+    elif protocol == "v2":
+        raw = row.astype("<f4").tobytes()
+        head = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": len(raw)}}]}).encode()
+        path, body = "/v2/models/mnist/infer", head + raw
+        headers.update({"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))})
+    else:
+        path, body = "/v1/models/mnist:predict", json.dumps({"instances": row.tolist()}).encode()
+        headers["Content-Type"] = "application/json"
+    headers["Content-Length"] = str(len(body))
+    head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    return head.encode() + body
+
+
+def read_all(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def predicted_class(protocol: str, body: bytes) -> tuple[int, str | None]:
+    """The class a response names, and the version it says answered (v2 only)."""
+    answer = json.loads(body)
+    if protocol == "image":
+        return answer["predictions"][0]["class_id"], None
+    if protocol == "v2":
+        return int(np.argmax(answer["outputs"][0]["data"])), answer["model_version"]
+    return int(np.argmax(answer["predictions"][0])), None
+
+
+class TestNoTeardownUnderAdmittedRequests:
+    """A request admitted to a version while its body is still arriving is answered by that version (200), even
+    when the version is unloaded through the repository API, or replaced by a newer version on disk, before
+    the body is complete (was: 500 with an AssertionError on v2 and TF Serving, 503 on the image route)."""
+
+    @pytest.fixture()
+    def running(self, start_server, mnist_repo):
+        return start_server(mnist_repo, CONVSERVE_ADMIN_TOKEN=TOKEN)
+
+    def half_sent(self, running, protocol: str, png: bytes) -> tuple[socket.socket, bytes]:
+        """Headers and half the body sent; returns the socket and the rest of the body."""
+        request = request_bytes(protocol, png, running.port)
+        split = request.index(b"\r\n\r\n") + 4 + (len(request) - request.index(b"\r\n\r\n") - 4) // 2
+        sock = socket.create_connection(("127.0.0.1", running.port), timeout=60)
+        sock.sendall(request[:split])
+        time.sleep(0.5)  # the server has read the headers and admitted the request to the newest version
+        return sock, request[split:]
+
+    def finish(self, sock: socket.socket, rest: bytes) -> tuple[int, bytes]:
+        time.sleep(0.5)  # the unload or reload has begun
+        sock.sendall(rest)
+        with sock:
+            return read_all(sock)
+
+    @pytest.mark.parametrize("protocol", ["image", "v2", "tf"])
+    def test_unloading_the_model_waits_for_the_admitted_request(self, protocol, running, digits, assert_error,
+                                                                 assert_still_serving):
+        png, label = digits[5]
+        sock, rest = self.half_sent(running, protocol, png)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            unload = pool.submit(httpx.post, f"{running.url}/v2/repository/models/mnist/unload", headers=bearer(),
+                                 timeout=60)
+            status, body = self.finish(sock, rest)
+            assert status == 200, body
+            got, version = predicted_class(protocol, body)
+            assert got == label
+            assert version in (None, "1")
+            assert unload.result().status_code == 200, unload.result().text
+        after = httpx.get(f"{running.url}/v2/models/mnist/ready", timeout=10)
+        assert after.status_code in (404, 503)
+        assert httpx.post(f"{running.url}/v2/repository/models/mnist/load", headers=bearer(),
+                          timeout=60).status_code == 200
+        assert_still_serving(running)
+
+    @pytest.mark.parametrize("protocol", ["image", "v2", "tf"])
+    def test_a_newer_version_replacing_it_waits_for_the_admitted_request(self, protocol, running, mnist_repo,
+                                                                          mnist_version_files, digits,
+                                                                          assert_still_serving):
+        png, label = digits[7]
+        sock, rest = self.half_sent(running, protocol, png)
+        newer = mnist_repo / "mnist" / "2"
+        newer.mkdir()
+        for name, data in mnist_version_files.items():
+            (newer / name).write_bytes(data)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # the config's policy is latest:1, so loading version 2 unloads version 1
+            load = pool.submit(httpx.post, f"{running.url}/v2/repository/models/mnist/load", headers=bearer(),
+                               timeout=60)
+            status, body = self.finish(sock, rest)
+            assert status == 200, body
+            got, version = predicted_class(protocol, body)
+            assert got == label
+            assert version in (None, "1")
+            assert load.result().status_code == 200, load.result().text
+        status_v1 = httpx.get(f"{running.url}/v2/models/mnist/versions/1/ready", timeout=10).status_code
+        assert status_v1 in (404, 503)
+        assert httpx.get(f"{running.url}/v2/models/mnist/versions/2/ready", timeout=10).status_code == 200
+        assert_still_serving(running)
+
+    @pytest.mark.parametrize("protocol", ["image", "v2", "tf"])
+    def test_many_admitted_requests_all_complete_across_an_unload(self, protocol, running, digits,
+                                                                  assert_still_serving):
+        started = [self.half_sent(running, protocol, digits[i][0]) for i in range(6)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            unload = pool.submit(httpx.post, f"{running.url}/v2/repository/models/mnist/unload", headers=bearer(),
+                                 timeout=60)
+            results = [self.finish(sock, rest) for sock, rest in started]
+            assert [status for status, _ in results] == [200] * 6, [body[:200] for _, body in results]
+            assert unload.result().status_code == 200
+        assert httpx.post(f"{running.url}/v2/repository/models/mnist/load", headers=bearer(),
+                          timeout=60).status_code == 200
+        assert_still_serving(running)
