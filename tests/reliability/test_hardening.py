@@ -624,10 +624,10 @@ class TestDocsPage:
 
     @pytest.mark.parametrize("asset,media", [("swagger-ui-bundle.js", "text/javascript"),
                                              ("swagger-ui.css", "text/css"), ("docs.js", "text/javascript"),
-                                             ("favicon-32x32.png", "image/png")])
+                                             ("favicon.png", "image/png")])
     def test_every_asset_the_page_names_is_served_here(self, asset, media, http, server):
         page = http.get("/docs").text
-        if asset != "favicon-32x32.png" or "favicon" in page:
+        if asset != "favicon.png" or "favicon" in page:
             assert f"/docs/{asset}" in page
         response = http.get(f"/docs/{asset}")
         assert response.status_code == 200 and response.headers["content-type"].startswith(media)
