@@ -78,7 +78,9 @@ def open_image(data: bytes, limits: ImageLimits) -> OpenedImage:
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"image of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
     with _decoder_errors():
-        img = Image.open(io.BytesIO(data), formats=_decoders())
+        with warnings.catch_warnings():  # Pillow warns of a bomb when it opens one (only then)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_decoders())
         if img.format not in OPENED_AS:
             raise InvalidInput(f"image format {img.format} is not accepted ({SUPPORTED})")
         width, height = img.size
@@ -101,8 +103,10 @@ def open_images(images: list[bytes], limits: ImageLimits) -> list[OpenedImage]:
     total = 0
     try:
         for i, data in enumerate(images):
-            with _numbered(i, len(images)):
+            try:
                 opened.append(open_image(data, limits))
+            except ServingError as exc:
+                raise _numbered(exc, i, len(images)) from None
             width, height = opened[-1].image.size
             total += width * height
             if limits.max_request_pixels is not None and total > limits.max_request_pixels:
@@ -136,32 +140,28 @@ def images_to_rows(opened: list[OpenedImage], spec: ImageSpec, check: Callable[[
         for i, item in enumerate(opened):
             if check is not None:
                 check()
-            with _numbered(i, len(opened)):
+            try:
                 rows[i] = _to_row(item.image, spec)
+            except ServingError as exc:
+                raise _numbered(exc, i, len(opened)) from None
     finally:
         for item in opened:
             item.image.close()
     return rows
 
 
-@contextlib.contextmanager
-def _numbered(index: int, count: int) -> Iterator[None]:
-    """Prefix a client error with the image it is about, when a request has several."""
-    try:
-        yield
-    except ServingError as exc:
-        if count > 1:
-            exc.message = f"image {index}: {exc.message}"
-        raise
+def _numbered(exc: ServingError, index: int, count: int) -> ServingError:
+    """A client error prefixed with the image it is about, when a request has several."""
+    if count > 1:
+        exc.message = f"image {index}: {exc.message}"
+    return exc
 
 
 @contextlib.contextmanager
 def _decoder_errors() -> Iterator[None]:
     """Pillow's many failure types as client errors: a bad upload is the client's fault, never a 500."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except (PayloadTooLarge, InvalidInput):
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
