@@ -512,24 +512,86 @@ class TestLargeJsonTensors:
                                         f"the limit of {64 * ROW} (64 rows) per request")
         assert_still_serving(server)
 
-    def test_liveness_answers_while_large_bodies_are_converted(self, start_server, models_root, digits,
-                                                               assert_still_serving):
-        big = start_server(models_root, CONVSERVE_MAX_BODY_BYTES=str(24 * 1024 * 1024),
-                           CONVSERVE_MAX_QUEUE_SIZE="8192")
-        rows, _ = digit_rows(digits, 1024)
-        body = json.dumps({"instances": rows.tolist()}).encode()
-        assert len(body) > 2_000_000
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            heavy = [pool.submit(httpx.post, f"{big.url}{TF}", content=body,
-                                 headers={"content-type": "application/json"}, timeout=120) for _ in range(3)]
-            probes = 0
-            while not all(f.done() for f in heavy):
-                # a liveness probe that hangs for seconds fails the orchestrator's probe (1 s by default)
-                assert httpx.get(f"{big.url}/v2/health/live", timeout=5).status_code == 200
-                probes += 1
-            assert [f.result().status_code for f in heavy] == [200] * 3, heavy[0].result().text
-        assert probes > 0
-        assert_still_serving(big)
+    @pytest.fixture(scope="class")
+    def big_bodies(self, start_server, models_root):
+        return start_server(models_root, CONVSERVE_MAX_BODY_BYTES=str(24 * 1024 * 1024),
+                            CONVSERVE_MAX_QUEUE_SIZE="8192")
+
+    @pytest.mark.parametrize("protocol", ["tf instances", "tf inputs", "v2 json"])
+    def test_large_json_bodies_are_answered_correctly(self, protocol, big_bodies, digits, assert_still_serving):
+        rows, labels = digit_rows(digits, 1024)
+        if protocol == "v2 json":
+            response = httpx.post(f"{big_bodies.url}{V2}", json=v2_json(rows), timeout=120)
+            got = np.reshape(response.json()["outputs"][0]["data"], (1024, 10)).argmax(axis=1).tolist()
+        else:
+            form = protocol.split()[1]
+            response = httpx.post(f"{big_bodies.url}{TF}", json={form: rows.tolist()}, timeout=120)
+            got = np.asarray(response.json()["predictions" if form == "instances" else "outputs"]).argmax(1).tolist()
+        assert response.status_code == 200, response.text
+        assert got == labels
+        assert_still_serving(big_bodies)
+
+    @pytest.mark.parametrize("rows,off_loop", [(1, False), (1024, True)])
+    @pytest.mark.parametrize("protocol", ["tf", "v2"])
+    def test_large_bodies_are_parsed_and_converted_off_the_event_loop(self, rows, off_loop, protocol, models_root,
+                                                                      digits, monkeypatch):
+        """Where the work runs, not how long it takes: the JSON parse and every slice of the conversion of a large
+        body run on a worker thread (no event loop running there), a small body's on the loop."""
+        from fastapi.testclient import TestClient
+
+        from service import limits, parsing
+        from service.app import create_app
+        from service.settings import Settings
+
+        seen: list[bool] = []
+
+        def recorded(work):
+            def run(*args):
+                seen.append(_loop_running())
+                return work(*args)
+            return run
+
+        monkeypatch.setattr(parsing, "_strict", recorded(parsing._strict))
+        monkeypatch.setattr(limits.asyncio, "to_thread", recorded_to_thread(seen))
+        tensor, labels = digit_rows(digits, rows)
+        settings = Settings(models_dir=models_root, access_log=False, repository_poll_seconds=0, inference_threads=1,
+                            max_body_bytes=24 * 1024 * 1024)
+        with TestClient(create_app(settings)) as client:
+            seen.clear()  # loading the models used worker threads too
+            if protocol == "v2":
+                response = client.post(V2, json=v2_json(tensor))
+            else:
+                response = client.post(TF, json={"instances": tensor.tolist()})
+        assert response.status_code == 200, response.text
+        assert np.asarray(response.json()["outputs"][0]["data"] if protocol == "v2" else response.json()[
+            "predictions"]).reshape(rows, 10).argmax(axis=1).tolist() == labels
+        conversions = [on_loop for on_loop in seen if isinstance(on_loop, bool)]
+        assert conversions and all(on_loop is not off_loop for on_loop in conversions)
+        assert ("to_thread" in seen) is off_loop
+        assert (len(conversions) > 1) is off_loop  # a slice at a time: the loop gets the GIL between slices
+
+
+def _loop_running() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def recorded_to_thread(seen: list):
+    """asyncio.to_thread that notes its use in ``seen``."""
+    import asyncio
+
+    original = asyncio.to_thread
+
+    async def to_thread(work, *args):
+        seen.append("to_thread")
+        return await original(work, *args)
+
+    return to_thread
 
 
 # --- 8. Metric labels ----------------------------------------------------------------------------------------
