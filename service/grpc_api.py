@@ -31,6 +31,7 @@ from service.batching import client_deadline
 from service.cluster import Cluster
 from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput, ServingError
+from service.limits import check_response_bytes
 from service.metrics import Metrics
 from service.middleware import REQUEST_ID_RE, access_log
 from service.protos import grpc_service_pb2 as pb
@@ -46,6 +47,7 @@ from service.v2_tensors import (
     element_count,
     from_buffer,
     output_tensor,
+    response_bytes,
     shaped,
     split_bytes_tensor,
 )
@@ -183,10 +185,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if raw is not None and spec.HasField("contents"):
                     raise InvalidInput(f"input {spec.name!r}: send contents or raw_input_contents, not both")
                 requested = _requested_outputs(request, mv)
-                if spec.datatype == "BYTES":  # encoded images, decoded on the inference thread
-                    result = await dataplane.infer_images(mv, _bytes_input(spec, raw))
+                settings = dataplane.settings
+                if spec.datatype == "BYTES":  # encoded images (see service.decoding for where they are decoded)
+                    images = _bytes_input(spec, raw)
+                    check_response_bytes(response_bytes(mv, len(images), [(n, True, k) for n, k in requested]),
+                                         settings.max_response_bytes)
+                    result = await dataplane.infer_images(mv, images)
                 else:
-                    result = await dataplane.infer(mv, dataplane.check_rows(mv, _numeric_input(spec, raw)))
+                    rows = dataplane.check_rows(mv, _numeric_input(spec, raw))
+                    check_response_bytes(response_bytes(mv, len(rows), [(n, True, k) for n, k in requested]),
+                                         settings.max_response_bytes)
+                    result = await dataplane.infer(mv, rows)
                 return _infer_response(result, requested, request.id)
         finally:
             client_deadline.reset(token)
@@ -272,9 +281,13 @@ def _requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[
     if not request.outputs:
         return [(name, 0) for name in sorted(known)]
     result = []
+    seen: set[str] = set()
     for out in request.outputs:
         if out.name not in known:
             raise InvalidInput(f"unknown output {out.name!r}; this model has {sorted(known)}")
+        if out.name in seen:  # each copy would be answered in full: a cheap request for a huge response
+            raise InvalidInput(f"output {out.name!r} is requested more than once")
+        seen.add(out.name)
         k = 0
         if "classification" in out.parameters:
             param = out.parameters["classification"]

@@ -14,7 +14,7 @@ import numpy as np
 
 from service.errors import InvalidInput
 
-MAX_DIGITS = 18  # any count a client may send fits in int64; longer strings are refused before int() sees them
+MAX_DIGITS = 18  # any count a client may mean fits in int64; int() never sees a longer string
 _ASCII_DIGITS = frozenset("0123456789")
 # numpy kinds a JSON tensor may infer to, per target kind: integers and floats for numbers, booleans for BOOL.
 FLAT_CHUNK = 65536  # values per numpy call when a long flat list is converted
@@ -22,10 +22,11 @@ _ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 
 
 def ascii_count(text: str, what: str) -> int:
-    """A non-negative integer written in 1 to 18 ASCII digits (a header or query value)."""
-    if not text or len(text) > MAX_DIGITS or not _ASCII_DIGITS.issuperset(text):
+    """A non-negative integer written in ASCII digits (a header or query value). More than 18 digits read as
+    10**18, beyond any limit, so the caller's "too large" answer applies and int() never parses thousands."""
+    if not text or not _ASCII_DIGITS.issuperset(text):
         raise InvalidInput(f"{what} must be a whole number written in ASCII digits")
-    return int(text)
+    return int(text) if len(text) <= MAX_DIGITS else 10**MAX_DIGITS
 
 
 def json_count(value: Any, what: str) -> int:

@@ -17,7 +17,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if ascii_count(declared, "Content-Length") > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+            raise PayloadTooLarge(f"request body of {declared[:24]} bytes exceeds the limit of {limit} bytes")
     chunks = []
     size = 0
     try:

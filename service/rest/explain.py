@@ -9,9 +9,10 @@ from starlette.responses import Response
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
 from service.explain import explain
+from service.parsing import ascii_count
 from service.responses import json_response
 from service.rest.body import disconnect_probe
-from service.rest.images import ERRORS, PREDICT_BODY, _images_from_request, _top_k_value
+from service.rest.images import ERRORS, PREDICT_BODY, images_and_top_k
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ErrorResponse, ImagePrediction
 
@@ -60,8 +61,8 @@ def _target(value: str | None) -> int | None:
     if value is None or value == "":
         return None
     try:
-        return int(value)
-    except ValueError:
+        return ascii_count(value, "target")
+    except InvalidInput:  # not ASCII digits ("３", "1e3", "-1"): the class-id message says what to send
         raise InvalidInput("target must be a class id (an integer)") from None
 
 
@@ -69,10 +70,9 @@ async def _explain(request: Request, name: str, version: str | None) -> Response
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
     async with dataplane.admitted(name, version) as mv:  # 404, 503 before reading a large body
-        images, k = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
+        images, k = await images_and_top_k(request, settings)
         if len(images) != 1:
             raise InvalidInput(f"explain takes exactly one image, got {len(images)}")
-        k = _top_k_value(request.query_params.get("top_k", k), settings.default_top_k)
         target = _target(request.query_params.get("target"))
         explanation = await explain(dataplane, mv, images[0], k, target, disconnect_probe(request))
     return json_response(explanation)

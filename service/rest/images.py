@@ -17,6 +17,7 @@ from service.rest.body import disconnect_probe, media_type, parse_json, read_bod
 from service.rest.multipart import parse_multipart
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, ModelsResponse, PredictResponse
+from service.settings import Settings
 
 router = APIRouter(tags=["images"], route_class=InferenceRoute)
 
@@ -75,15 +76,19 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
         f"unsupported content type {kind or '(none)'!r}: send multipart/form-data, image/*, or application/json")
 
 
+async def images_and_top_k(request: Request, settings: Settings) -> tuple[list[bytes], int]:
+    """The encoded images of an image-endpoint request and its top_k (the query's, else the body's)."""
+    images, k, text = await _images_from_request(request, settings.max_body_bytes, settings.max_images_per_request)
+    if "top_k" in request.query_params:
+        k, text = request.query_params["top_k"], True
+    return images, _top_k_value(k, settings.default_top_k, text=text)
+
+
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
     async with dataplane.admitted(name, version) as mv:  # 404, 503 before reading a large body
-        images, k, text = await _images_from_request(request, settings.max_body_bytes,
-                                                     settings.max_images_per_request)
-        if "top_k" in request.query_params:
-            k, text = request.query_params["top_k"], True
-        k = _top_k_value(k, settings.default_top_k, text=text)
+        images, k = await images_and_top_k(request, settings)
         result = await dataplane.infer_images(mv, images, disconnect_probe(request))
     return json_response({"model": mv.name, "version": mv.version,
                           "predictions": top_k(mv, result.probabilities, k)})

@@ -68,13 +68,13 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int,
                   row_shape: tuple[int, ...], max_rows: int) -> tuple[np.ndarray, int]:
     """Decode one request input to an ndarray; returns it and the new offset in the binary section.
 
-    A declared shape beyond ``max_rows`` rows of ``row_shape`` is refused before its data is converted."""
+    JSON data declared beyond ``max_rows`` rows of ``row_shape`` is refused before it is converted (binary data
+    is sized exactly by its shape, at no cost)."""
     name = spec.get("name")
     datatype = spec.get("datatype")
     shape = spec.get("shape")
     count = element_count(name, shape)
     dtype = tensor_dtype(name, datatype)
-    check_declared_shape(shape, row_shape, max_rows, f"input {name!r}")
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput(f"input {name!r}: parameters must be an object")
@@ -86,6 +86,7 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int,
     data = spec.get("data")
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r}: needs data (a list) or parameters.binary_data_size")
+    check_declared_shape(shape, row_shape, max_rows, f"input {name!r}")  # before a huge list is converted
     array = strict_array(data, dtype, f"input {name!r}", datatype)
     if array.size != count:
         raise InvalidInput(f"input {name!r}: {array.size} values for shape {shape} (expected {count})")
