@@ -289,6 +289,77 @@ class TestResponseSizeBound:
         assert_still_serving(small_answers)
 
 
+class TestGrpcBounds:
+    """The same bounds over gRPC (Triton's GRPCInferenceService): an output named twice, an answer over
+    CONVSERVE_MAX_RESPONSE_BYTES and a JPEG with too many scans are INVALID_ARGUMENT, before inference."""
+
+    @pytest.fixture(scope="class")
+    def stub(self, start_server, models_root):
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        from tests.support.server import free_port
+
+        port = free_port()
+        running = start_server(models_root, CONVSERVE_GRPC_PORT=str(port), CONVSERVE_MAX_RESPONSE_BYTES="4096")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield service_pb2_grpc.GRPCInferenceServiceStub(channel), running
+
+    @staticmethod
+    def message(rows: np.ndarray | None = None, images: list[bytes] | None = None, outputs: int = 1, k: int = 0):
+        from tritonclient.grpc import service_pb2 as pb
+
+        message = pb.ModelInferRequest(model_name="mnist")
+        if images is not None:
+            message.inputs.add(name="image", datatype="BYTES", shape=[len(images)]).contents.bytes_contents.extend(
+                images)
+        else:
+            message.inputs.add(name="image", datatype="FP32", shape=list(rows.shape))
+            message.raw_input_contents.append(rows.astype("<f4").tobytes())
+        for _ in range(outputs):
+            out = message.outputs.add(name="probabilities")
+            if k:
+                out.parameters["classification"].int64_param = k
+        return message
+
+    def refused(self, stub, message, *fragments: str) -> None:
+        import grpc
+
+        client, running = stub
+        before = running.metric('convserve_batch_rows_sum{model="mnist",version="1"}')
+        with pytest.raises(grpc.RpcError) as info:
+            client.ModelInfer(message, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        for fragment in fragments:
+            assert fragment in info.value.details()
+        assert running.metric('convserve_batch_rows_sum{model="mnist",version="1"}') == before
+
+    @pytest.mark.parametrize("copies,k", [(2, 0), (1000, 0), (2, 3)])
+    def test_an_output_named_twice_is_invalid_argument(self, copies, k, stub, digits, assert_still_serving):
+        rows, _ = digit_rows(digits, 2)
+        self.refused(stub, self.message(rows, outputs=copies, k=k),
+                     "output 'probabilities' is requested more than once")
+        assert_still_serving(stub[1])
+
+    @pytest.mark.parametrize("rows", [200, 1024])
+    def test_an_answer_over_the_limit_is_invalid_argument(self, rows, stub, digits, assert_still_serving):
+        tensor, _ = digit_rows(digits, rows)
+        self.refused(stub, self.message(tensor), "more than the limit of 4096 bytes")
+        assert_still_serving(stub[1])
+
+    def test_a_jpeg_with_too_many_scans_is_invalid_argument(self, stub, assert_still_serving):
+        self.refused(stub, self.message(images=[progressive_jpeg(512, 500)]), "scans exceeds the limit of 32 scans")
+        assert_still_serving(stub[1])
+
+    def test_within_the_bounds_it_answers(self, stub, digits, assert_still_serving):
+        rows, labels = digit_rows(digits, 16)
+        client, running = stub
+        response = client.ModelInfer(self.message(rows), timeout=60)
+        probabilities = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(16, 10)
+        assert probabilities.argmax(axis=1).tolist() == labels
+        assert_still_serving(running)
+
+
 # --- 3. Strict numbers ---------------------------------------------------------------------------------
 
 NOT_ASCII_COUNTS = ["²", "¹", "３", "٣", "1_0", " 10", "10 ", "+10", "-1", "0x10", "1e3", "", "9²", "²" * 4301]
