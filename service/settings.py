@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     max_jpeg_scans: int = Field(32, ge=1)
     """Most scans one JPEG may have; encoders write at most about a dozen, and each scan costs a full pass
     over the image when it is decoded (a small progressive JPEG with thousands of scans takes minutes)."""
-    decode_threads: int = Field(default_factory=lambda: max(1, available_cpus() // 2), ge=1)
-    """Threads that decode large images (beyond inline_decode_pixels), away from the models' inference threads."""
+    decode_threads: int = Field(0, ge=0)
+    """Threads per worker that decode large images (beyond inline_decode_pixels), away from the models' inference
+    threads. 0 (the default): half the usable CPUs shared among the workers, at least 1."""
     inline_decode_pixels: int = Field(1_000_000, ge=0)
     """Requests whose images declare at most this much decode work (pixels x JPEG scans, summed) are decoded on
     the model's inference thread in the batch, at no extra cost; larger ones go to the decode threads."""
@@ -124,6 +125,8 @@ class Settings(BaseSettings):
             raise ValueError("workers must be 'auto' or at least 1")
         if self.inference_threads == 0:
             self.inference_threads = max(1, available_cpus() // (2 * self.worker_count))
+        if self.decode_threads == 0:
+            self.decode_threads = max(1, available_cpus() // (2 * self.worker_count))
         return self
 
     @property
