@@ -1,8 +1,9 @@
 """Export a trained Keras model into the next version directory of the model repository.
 
 The version is staged in a hidden directory next to the published ones, verified (ONNX and
-SavedModel outputs must match the in-memory model), scored, documented, and only then
-renamed into place, so a half-written or unverified version is never visible to a server.
+SavedModel outputs must match the in-memory model), scored, judged by the promotion gate
+(``training.promotion``), documented, and only then renamed into place, so a half-written,
+unverified or worse version is never visible to a server.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -21,6 +23,7 @@ import numpy as np
 
 from training.data import Dataset
 from training.evaluate import classification_metrics, onnx_session, predict_onnx
+from training.promotion import REFUSED, Gate, PromotionRefused, judge
 from training.recipes import Recipe
 from training.report import write_report
 
@@ -114,12 +117,9 @@ def framework_versions() -> dict[str, str]:
     return versions
 
 
-def triton_config(recipe: Recipe) -> str:
+def _tensor_blocks(recipe: Recipe) -> str:
     dims = ", ".join(str(d) for d in recipe.input_shape)
-    return f"""name: "{recipe.name}"
-backend: "onnxruntime"
-max_batch_size: {TRITON_MAX_BATCH_SIZE}
-input [
+    return f"""input [
   {{
     name: "{INPUT_NAME}"
     data_type: TYPE_FP32
@@ -134,11 +134,103 @@ output [
     label_filename: "labels.txt"
   }}
 ]
-version_policy: {{ latest: {{ num_versions: 1 }} }}
-dynamic_batching {{
-  max_queue_delay_microseconds: 500
-}}
 """
+
+
+def triton_config(name: str, recipe: Recipe, existing: str | None = None) -> str:
+    """The model's config.pbtxt: only what an export must say, or ``existing`` with new tensor specs.
+
+    A new config names the backend, the batch limit and the tensors, and nothing else: no
+    version policy and no batching numbers, so the service's own settings apply. An existing
+    config keeps every other field (a ``specific`` version policy, batching settings, comments);
+    only its ``name``, ``input`` and ``output`` are rewritten.
+    """
+    if existing is None:
+        return f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {TRITON_MAX_BATCH_SIZE}\n' + \
+            _tensor_blocks(recipe)
+    fields = _top_level_fields(existing)
+    replaced = [(start, end) for field, start, end in fields if field in ("input", "output", "name")]
+    kept, position = [], 0
+    for start, end in replaced:
+        kept.append(existing[position:start].rstrip(" \t"))
+        position = end
+    kept.append(existing[position:])
+    text = re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip("\n")
+    return f'name: "{name}"\n{text}\n{_tensor_blocks(recipe)}' if text else f'name: "{name}"\n{_tensor_blocks(recipe)}'
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OPEN, _CLOSE = "{[<", "}]>"
+
+
+def _skip_string(text: str, i: int) -> int:
+    quote, i = text[i], i + 1
+    while i < len(text) and text[i] != quote:
+        i += 2 if text[i] == "\\" else 1
+    return i + 1
+
+
+def _skip_value(text: str, i: int) -> int:
+    """The end of the value starting at ``i``: a nested message or list, a string, or a scalar."""
+    if i < len(text) and text[i] in _OPEN:
+        depth = 0
+        while i < len(text):
+            char = text[i]
+            if char in "\"'":
+                i = _skip_string(text, i)
+                continue
+            if char == "#":
+                i = text.find("\n", i) if "\n" in text[i:] else len(text)
+                continue
+            depth += (char in _OPEN) - (char in _CLOSE)
+            i += 1
+            if depth == 0:
+                return i
+        raise ValueError("config.pbtxt has an unclosed bracket")
+    if i < len(text) and text[i] in "\"'":
+        return _skip_string(text, i)
+    match = re.compile(r"[^\s,;#}\]>]+").match(text, i)
+    if not match:
+        raise ValueError(f"config.pbtxt has no value at offset {i}")
+    return match.end()
+
+
+def _top_level_fields(text: str) -> list[tuple[str, int, int]]:
+    """``(field, start, end)`` for each top-level field of a protobuf text-format message."""
+    fields, i = [], 0
+    while i < len(text):
+        if text[i].isspace() or text[i] in ",;":
+            i += 1
+            continue
+        if text[i] == "#":
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end
+            continue
+        match = _FIELD_NAME.match(text, i)
+        if not match:
+            raise ValueError(f"config.pbtxt: unexpected {text[i]!r} at offset {i}")
+        start, i = i, match.end()
+        while i < len(text) and text[i] in " \t\r\n:":
+            i += 1
+        i = _skip_value(text, i)
+        fields.append((match.group(), start, i))
+    return fields
+
+
+def new_triton_config(model_root: Path, name: str, recipe: Recipe) -> str:
+    """The config.pbtxt text this export will write (raises before anything is published)."""
+    path = model_root / "config.pbtxt"
+    try:
+        return triton_config(name, recipe, path.read_text() if path.is_file() else None)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} cannot be updated, fix or remove it: {exc}") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file next to its final name and rename it, so the service never reads half of it."""
+    temporary = path.parent / f".{path.name}-{uuid.uuid4().hex[:8]}"
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def next_version(model_root: Path) -> int:
@@ -167,12 +259,33 @@ def publish(staging: Path, model_root: Path, finish: Callable[[int], None]) -> P
     raise ExportError(f"could not find a free version number under {model_root.name}/")
 
 
+def _keep_refused(staging: Path, keep_dir: Path | None) -> Path | None:
+    """Move a refused candidate's export out of the model repository, into the run directory."""
+    if keep_dir is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        return None
+    kept = keep_dir / "candidate"
+    shutil.rmtree(kept, ignore_errors=True)  # the run's previous refused candidate
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), str(kept))
+    return kept
+
+
 def export_version(model: Any, recipe: Recipe, ds: Dataset, models_dir: Path, *,
                    history: dict[str, list[float]] | None = None,
-                   training: dict[str, Any] | None = None) -> Path:
-    """Export, verify, score and publish ``model`` as ``models_dir/<recipe.name>/<n+1>/``."""
-    model_root = Path(models_dir) / recipe.name
+                   training: dict[str, Any] | None = None, name: str | None = None,
+                   gate: Gate | None = None) -> Path:
+    """Export, verify, score, judge and publish ``model`` as ``models_dir/<name>/<n+1>/``.
+
+    ``name`` is the model's name in the repository (default: the recipe's). The ``gate``
+    (default: ``Gate()``) compares the candidate with the newest published version; a refused
+    candidate raises :class:`PromotionRefused` after its export is moved to ``gate.keep_dir``.
+    """
+    name = name or recipe.name
+    gate = gate or Gate()
+    model_root = Path(models_dir) / name
     model_root.mkdir(parents=True, exist_ok=True)
+    config = new_triton_config(model_root, name, recipe)
     staging = model_root / f".staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -188,11 +301,13 @@ def export_version(model: Any, recipe: Recipe, ds: Dataset, models_dir: Path, *,
             "best_val_accuracy": max(history["val_accuracy"]) if history.get("val_accuracy") else None,
             "wall_seconds": 0.0,
             "strategy": "default",
+            "workers": 1,
+            "global_batch_size": recipe.batch_size,
             **(training or {}),
         }
         height, width, channels = recipe.input_shape
         metadata: dict[str, Any] = {
-            "name": recipe.name,
+            "name": name,
             "version": None,
             "labels": list(recipe.labels),
             "digit": recipe.digit,
@@ -214,16 +329,23 @@ def export_version(model: Any, recipe: Recipe, ds: Dataset, models_dir: Path, *,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         metadata["sha256"] = file_checksums(staging)
+        metadata["promotion"] = judge(model_root, metrics["accuracy"], metadata, ds, gate)
 
-        def finish(version: int) -> None:
+        def finish(version: int | None) -> None:
             metadata["version"] = version
             (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
             write_report(staging / "report", metadata, metrics, history)
 
+        if metadata["promotion"]["decision"] == REFUSED:
+            finish(None)
+            kept = _keep_refused(staging, gate.keep_dir)
+            where = f"its export is kept in {kept}" if kept else "its export was discarded"
+            raise PromotionRefused(f"{name} was not published: {metadata['promotion']['reason']}; {where} "
+                                   "(--force publishes it anyway)", kept)
         target = publish(staging, model_root, finish)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    (model_root / "labels.txt").write_text("\n".join(recipe.labels) + "\n")
-    (model_root / "config.pbtxt").write_text(triton_config(recipe))
+    write_atomically(model_root / "labels.txt", "\n".join(recipe.labels) + "\n")
+    write_atomically(model_root / "config.pbtxt", config)
     return target

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from training.promotion import describe
+
 
 def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) -> None:
     import matplotlib
@@ -77,7 +79,13 @@ def write_report(directory: Path, metadata: dict[str, Any], metrics: dict[str, A
     else:
         kept = ("The recipe trains on the whole training set (no validation split), so the kept weights\n"
                 "are those of the last epoch of its fixed schedule; no epoch was chosen by a score.")
-    text = f"""# {metadata['name']} version {metadata['version']}
+    title = (f"{metadata['name']} version {metadata['version']}" if metadata["version"] is not None
+             else f"{metadata['name']} candidate (not published)")
+    promotion = metadata.get("promotion")
+    workers = training.get("workers", 1)
+    batch = training.get("global_batch_size")
+    cluster = f"{workers} (global batch {batch} = {batch // workers} per worker x {workers})" if batch else workers
+    text = f"""# {title}
 
 Scored from the exported `model.onnx` on the untouched test set ({metrics['examples']} images).
 
@@ -89,6 +97,8 @@ Scored from the exported `model.onnx` on the untouched test set ({metrics['examp
 | training wall time | {training['wall_seconds']:.0f} s |
 | best validation accuracy | {_fraction(training.get('best_val_accuracy'))} |
 | distribution strategy | {training['strategy']} |
+| workers | {cluster} |
+| promotion gate | {describe(promotion) if promotion else 'n/a'} |
 | data | {json.dumps(metadata['data'])} |
 
 ## Per class

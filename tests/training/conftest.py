@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from tests.support.missing import local_datasets
+from training.data import Dataset, load_dataset
+from training.recipes import get_recipe
 
 # The tiny class-folder tree: folder names are created out of order on purpose, so the tests
 # can check that labels come from the *sorted* folder names.
@@ -22,6 +24,7 @@ TREE_SORTED_CLASSES = ["ant", "cat", "dog"]
 TREE_TRAIN_PER_CLASS = 4
 TREE_TEST_PER_CLASS = 2
 TREE_SIZE = 8  # 8x8 pixels
+LIMIT = 600  # train and test images in every smoke run
 
 
 def tree_pixel(label: str) -> int:
@@ -119,3 +122,10 @@ def image_tree(tmp_path: Path) -> ImageTree:
     work = tmp_path / "packed"
     work.mkdir()
     return ImageTree(root=root, work=work)
+
+
+@pytest.fixture(scope="module")
+def mnist_small(data_dir: Path) -> Dataset:
+    """The first 600 training and 600 test images of the local MNIST copy."""
+    recipe = get_recipe("mnist")
+    return load_dataset(recipe.dataset, recipe.input_shape, recipe.labels, data_dir).limit(LIMIT)

@@ -17,16 +17,16 @@ import keras
 import numpy as np
 import pytest
 
+from tests.training.conftest import LIMIT
 from training import export
 from training.cli import main
-from training.data import Dataset, load_dataset
+from training.data import Dataset
 from training.evaluate import onnx_session, predict_onnx
 from training.export import ExportError, export_version
 from training.recipes import MNIST_LABELS, build_model, get_recipe
 from training.train import TrainResult, get_strategy, split_validation, train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LIMIT = 600  # train and test images in every smoke run
 MAX_STEPS = 3  # batches per epoch
 
 REQUIRED_METADATA_KEYS = {"name", "version", "labels", "digit", "input", "output", "test_metrics", "recipe",
@@ -43,12 +43,6 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def mnist_small(data_dir: Path) -> Dataset:
-    recipe = get_recipe("mnist")
-    return load_dataset(recipe.dataset, recipe.input_shape, recipe.labels, data_dir).limit(LIMIT)
 
 
 @pytest.fixture(scope="module")
