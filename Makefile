@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODELS_DIR ?= models
 
-.PHONY: serve test lint format clean system-deps bench
+.PHONY: serve test lint format clean system-deps bench train-deps train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev,train,tf]'
 	touch $@ $(VENV)/.serve
+
+# Training install: the serving install plus TensorFlow, Keras, tf2onnx and matplotlib (no dev tools).
+$(VENV)/.train: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[train]'
+	touch $@ $(VENV)/.serve
+
+train-deps: $(VENV)/.train
+
+# `make train RECIPE=mnist TRAIN_ARGS='--data-dir ../shared/datasets'`: train, evaluate, gate and publish.
+RECIPE ?= mnist
+train: $(VENV)/.train
+	$(BIN)/python -m training train --recipe $(RECIPE) --models-dir $(MODELS_DIR) $(TRAIN_ARGS)
 
 serve: $(VENV)/.serve
 	$(BIN)/python -m service --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT)

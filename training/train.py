@@ -1,7 +1,9 @@
 """Training: the tf.data pipeline (with augmentation), the distribution strategy, and the fit loop.
 
 A run lives in ``runs/<recipe>/<run-id>/``: TensorBoard logs, ``last.keras`` (resumable,
-written every epoch), ``best.keras`` (best validation accuracy) and ``history.json``.
+written every epoch), ``best.keras`` (best validation accuracy) and ``history.json``. In a
+multi-worker cluster only the chief writes there; the other workers write to temporary
+directories (see ``training.cluster``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from training.cluster import Cluster, barrier, get_strategy
 from training.data import Dataset
 from training.recipes import Recipe, build_model
 
@@ -32,18 +36,21 @@ class TrainResult:
     wall_seconds: float
     strategy: str
     recipe: Recipe
+    workers: int = 1
+    """Workers in the cluster that trained the model (1 without TF_CONFIG)."""
+    global_batch_size: int = 0
+    """Examples per optimisation step across all workers: the recipe's batch size times ``workers``."""
+    chief: bool = True
+    """This process writes the run directory, exports and publishes; other workers only train."""
+    cluster_strategy: Any = None
 
-
-def get_strategy() -> Any:
-    """MultiWorkerMirrored when TF_CONFIG names a cluster, Mirrored over several GPUs, else default."""
-    import tensorflow as tf
-
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
-    if tf_config.get("cluster"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    def done(self) -> None:
+        """In a cluster, wait until every worker gets here (the chief after publishing), then tidy up."""
+        if self.cluster_strategy is None:
+            return
+        barrier(self.cluster_strategy)
+        if not self.chief:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -104,9 +111,14 @@ def _cutout(image: Any, size: int) -> Any:
     return image * tf.cast(~inside, image.dtype)[..., None]
 
 
-def make_datasets(recipe: Recipe, train: Split, val: Split | None,
-                  max_steps: int | None = None) -> tuple[Any, Any]:
-    """The shuffled, augmented training dataset and the validation dataset (None without one)."""
+def make_datasets(recipe: Recipe, train: Split, val: Split | None, max_steps: int | None = None,
+                  workers: int = 1) -> tuple[Any, Any]:
+    """The shuffled, augmented training dataset and the validation dataset (None without one).
+
+    Batches are global: ``recipe.batch_size`` per worker times ``workers``. Under a
+    multi-worker strategy, Keras splits each global batch among the workers (the DATA shard
+    policy; every worker shuffles with the same seed, so the slices are disjoint).
+    """
     import tensorflow as tf
 
     n_classes = len(recipe.labels)
@@ -119,7 +131,7 @@ def make_datasets(recipe: Recipe, train: Split, val: Split | None,
         .shuffle(len(train[0]), seed=recipe.seed, reshuffle_each_iteration=True)
         .map(augment_fn(recipe), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
         .map(lambda x, y: (x, tf.one_hot(y, n_classes)))
-        .batch(recipe.batch_size, drop_remainder=False)
+        .batch(recipe.batch_size * workers, drop_remainder=False)
     )
     if max_steps:
         train_ds = train_ds.take(max_steps)
@@ -170,15 +182,52 @@ def make_optimizer(recipe: Recipe) -> Any:
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 
+def _fix_keras_for_multi_worker(model: Any, strategy: Any) -> None:
+    """Work around two Keras 3 defects that stop ``fit`` under MultiWorkerMirroredStrategy.
+
+    1. Keras builds a model before ``fit`` by all-reducing a batch of data across the replicas,
+       which the strategy cannot do for an ``(images, labels)`` tuple: every worker fails with
+       "Attempt to convert a value (PerReplica...) to a Tensor" (keras-team/keras#20585). The
+       build needs only the batch's shapes and dtypes, which this worker's own slice has.
+    2. Keras averages each step's scalar metrics across workers with ``axis=0``, which a scalar
+       does not have ("Invalid reduction dimension 0"); ``axis=None`` is the mean across workers.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    def build(iterator: Any = None, data_batch: Any = None) -> None:
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = next(batches)
+                break
+        local = tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], data_batch)
+        with strategy.scope():
+            model._symbolic_build(data_batch=local)
+
+    model._maybe_symbolic_build = build
+
+    keras_reduce = getattr(keras_tf_trainer.reduce_per_replica, "__wrapped__", keras_tf_trainer.reduce_per_replica)
+
+    def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
+        if reduction in ("auto", "mean") and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return tf.nest.map_structure(lambda value: strategy.reduce("MEAN", value, axis=None), values)
+        return keras_reduce(values, strategy, reduction)
+
+    reduce_per_replica.__wrapped__ = keras_reduce  # type: ignore[attr-defined]
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica
+
+
 def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = None,
-          max_steps: int | None = None, resume: Path | None = None, verbose: int = 2) -> TrainResult:
+          max_steps: int | None = None, resume: Path | None = None, verbose: int = 2,
+          cluster: Cluster | None = None) -> TrainResult:
     """Train a recipe on a dataset; returns the best-on-validation model.
 
     A recipe with ``validation_size`` 0 trains on the whole training set and returns the
     weights of the last epoch (the schedule, not a validation score, decides when to stop).
 
     ``resume`` is an earlier run directory: training continues from its ``last.keras`` at
-    the epoch after the last completed one.
+    the epoch after the last completed one. With a ``cluster`` (``cluster_from_env()``), every
+    worker calls this, and each must call ``TrainResult.done()`` at the end.
     """
     import keras
 
@@ -188,22 +237,28 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
     if list(ds.labels) != list(recipe.labels):
         recipe = replace(recipe, labels=tuple(ds.labels))
 
-    run_dir = resume or runs_dir / recipe.name / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    chief = cluster is None or cluster.is_chief
+    workers = cluster.workers if cluster is not None else 1
+    if chief:
+        run_dir = resume or runs_dir / recipe.name / time.strftime("%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:  # a worker's own files are thrown away; the multi-worker guide has them written somewhere private
+        run_dir = Path(tempfile.mkdtemp(prefix=f"convserve-{cluster.task_type}{cluster.task_index}-"))
+    source = resume or run_dir  # where a resumed run's checkpoint is read (by every worker)
     state_path = run_dir / "state.json"
     history_path = run_dir / "history.json"
     history: dict[str, list[float]] = {}
     initial_epoch = 0
     previous_wall = 0.0
 
-    strategy = get_strategy()
+    strategy = get_strategy(cluster)
     with strategy.scope():
-        if resume and (run_dir / "last.keras").exists():
-            model = keras.saving.load_model(run_dir / "last.keras")  # safe_mode stays on
-            state = json.loads(state_path.read_text())
+        if resume and (source / "last.keras").exists():
+            model = keras.saving.load_model(source / "last.keras")  # safe_mode stays on
+            state = json.loads((source / "state.json").read_text())
             initial_epoch, previous_wall = state["epochs_done"], state.get("wall_seconds", 0.0)
-            history = json.loads(history_path.read_text()) if history_path.exists() else {}
-            log.info("resuming %s at epoch %d", run_dir.name, initial_epoch + 1)
+            history = json.loads((source / "history.json").read_text()) if (source / "history.json").exists() else {}
+            log.info("resuming %s at epoch %d", source.name, initial_epoch + 1)
         else:
             model = build_model(recipe)
             model.compile(
@@ -211,9 +266,11 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
                 metrics=["accuracy"],
             )
+    if cluster is not None:
+        _fix_keras_for_multi_worker(model, strategy)
 
     train_xy, val_xy = split_validation(ds, recipe.validation_size, recipe.seed)
-    train_ds, val_ds = make_datasets(recipe, train_xy, val_xy, max_steps)
+    train_ds, val_ds = make_datasets(recipe, train_xy, val_xy, max_steps, workers)
 
     class Persist(keras.callbacks.Callback):
         """Writes history.json, last.keras and state.json every epoch, so a killed run resumes."""
@@ -226,6 +283,7 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
             state_path.write_text(json.dumps({
                 "recipe": recipe.name, "epochs_done": epoch + 1, "epochs": recipe.epochs,
                 "wall_seconds": previous_wall + time.monotonic() - started,
+                "workers": workers, "global_batch_size": recipe.batch_size * workers,
             }))
 
     started = time.monotonic()
@@ -253,10 +311,14 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
     wall = previous_wall + time.monotonic() - started
 
     best_path = run_dir / "best.keras"
-    if val_ds is None:
+    if chief and val_ds is None:
         model = keras.saving.load_model(run_dir / "last.keras")  # the EMA weights when averaging
-    elif best_path.exists():
+    elif chief and best_path.exists():
         model = keras.saving.load_model(best_path)
+    # tf.distribute.MultiWorkerMirroredStrategy's class is named CollectiveAllReduceStrategy
+    strategy_name = "MultiWorkerMirroredStrategy" if cluster is not None else type(strategy).__name__
     return TrainResult(model=model, history=history, run_dir=run_dir,
                        epochs_run=len(history.get("loss", [])), wall_seconds=wall,
-                       strategy=type(strategy).__name__, recipe=recipe)
+                       strategy=strategy_name, recipe=recipe, workers=workers,
+                       global_batch_size=recipe.batch_size * workers, chief=chief,
+                       cluster_strategy=strategy if cluster is not None else None)
