@@ -148,15 +148,25 @@ def triton_config(name: str, recipe: Recipe, existing: str | None = None) -> str
     if existing is None:
         return f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {TRITON_MAX_BATCH_SIZE}\n' + \
             _tensor_blocks(recipe)
-    fields = _top_level_fields(existing)
-    replaced = [(start, end) for field, start, end in fields if field in ("input", "output", "name")]
-    kept, position = [], 0
-    for start, end in replaced:
-        kept.append(existing[position:start].rstrip(" \t"))
+    pieces, position, named, placed = [], 0, False, False
+    for field, start, end in _top_level_fields(existing):
+        if field not in ("name", "input", "output"):
+            continue
+        pieces.append(existing[position:start])
         position = end
-    kept.append(existing[position:])
-    text = re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip("\n")
-    return f'name: "{name}"\n{text}\n{_tensor_blocks(recipe)}' if text else f'name: "{name}"\n{_tensor_blocks(recipe)}'
+        if field == "name":
+            pieces.append(f'name: "{name}"')
+            named = True
+        elif not placed:  # the new input and output go where the first of the old ones was
+            pieces.append(_tensor_blocks(recipe).rstrip("\n"))
+            placed = True
+        elif existing[end:end + 1] == "\n":
+            position += 1  # a removed block takes its line break with it
+    pieces.append(existing[position:])
+    text = "".join(pieces).rstrip("\n") + "\n"
+    if not placed:
+        text += _tensor_blocks(recipe)
+    return text if named else f'name: "{name}"\n' + text
 
 
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -218,12 +228,21 @@ def _top_level_fields(text: str) -> list[tuple[str, int, int]]:
 
 
 def new_triton_config(model_root: Path, name: str, recipe: Recipe) -> str:
-    """The config.pbtxt text this export will write (raises before anything is published)."""
+    """The config.pbtxt text this export will write (raises before anything is published).
+
+    The result must parse as Triton's ``ModelConfig`` message, as the service and Triton read it.
+    """
+    from google.protobuf import text_format
+
+    from service.protos.model_config_pb2 import ModelConfig
+
     path = model_root / "config.pbtxt"
     try:
-        return triton_config(name, recipe, path.read_text() if path.is_file() else None)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = triton_config(name, recipe, path.read_text() if path.is_file() else None)
+        text_format.Parse(text, ModelConfig())
+    except (ValueError, UnicodeDecodeError, text_format.ParseError) as exc:
         raise ExportError(f"{path} cannot be updated, fix or remove it: {exc}") from None
+    return text
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 
-from service.repository import parse_config_pbtxt
+from service.model_config import config_version_policy
+from service.protos.model_config_pb2 import ModelConfig
 from tests.training.conftest import LIMIT
 from tests.training.test_train_export import MAX_STEPS, assert_one_line_error, run_cli
 from training.cli import build_parser, main
@@ -41,8 +43,11 @@ def test_a_new_config_says_only_what_the_export_must():
     assert config.startswith('name: "digits"\nbackend: "onnxruntime"\nmax_batch_size: 64\ninput [\n')
     assert "dims: [ 28, 28, 1 ]" in config and "dims: [ 10 ]" in config
     assert "version_policy" not in config and "dynamic_batching" not in config  # the service's settings apply
-    parsed = parse_config_pbtxt(config)
-    assert (parsed.version_policy, parsed.max_queue_delay_us, parsed.max_batch_size) == (None, None, 64)
+    parsed = text_format.Parse(config, ModelConfig())  # as the service and Triton read it
+    assert parsed.name == "digits" and parsed.backend == "onnxruntime" and parsed.max_batch_size == 64
+    assert not parsed.HasField("version_policy") and not parsed.HasField("dynamic_batching")
+    assert [(i.name, list(i.dims)) for i in parsed.input] == [("image", [28, 28, 1])]
+    assert [(o.name, list(o.dims), o.label_filename) for o in parsed.output] == [("probabilities", [10], "labels.txt")]
 
 
 def test_an_existing_config_keeps_every_user_setting_and_gets_new_tensor_specs():
@@ -57,13 +62,35 @@ def test_an_existing_config_keeps_every_user_setting_and_gets_new_tensor_specs()
         assert gone not in config, gone
     assert config.count('name: "mnist"') == 1 and config.count("input [") == 1 and config.count("output [") == 1
     assert 'name: "image"' in config and 'name: "probabilities"' in config and "dims: [ 28, 28, 1 ]" in config
-    parsed = parse_config_pbtxt(config)
-    assert (parsed.version_policy, parsed.max_batch_size, parsed.max_queue_delay_us) == ("specific:1,3", 16, 100)
+    parsed = text_format.Parse(config, ModelConfig())
+    assert config_version_policy(parsed) == "specific:1,3"
+    assert (parsed.max_batch_size, parsed.dynamic_batching.max_queue_delay_microseconds) == (16, 100)
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [4, 8] and parsed.instance_group[0].count == 2
+    assert [i.name for i in parsed.input] == ["image"] and [o.name for o in parsed.output] == ["probabilities"]
+
+
+def test_an_existing_config_that_triton_would_reject_stops_the_export_early(mnist_small, tmp_path):
+    import keras
+
+    model_root = tmp_path / "models" / "mnist"
+    model_root.mkdir(parents=True)
+    (model_root / "config.pbtxt").write_text('name: "mnist"\nmax_batch_sise: 8\n')  # a misspelt field
+    with pytest.raises(ExportError, match=r"config.pbtxt cannot be updated, fix or remove it: .*max_batch_sise"):
+        export_version(keras.Sequential(), get_recipe("mnist"), mnist_small, tmp_path / "models")
+    assert sorted(p.name for p in model_root.iterdir()) == ["config.pbtxt"]
 
 
 def test_an_existing_config_is_renamed_to_the_model_it_belongs_to():
     config = triton_config("digits", get_recipe("mnist"), USER_CONFIG)
-    assert config.startswith('name: "digits"\n') and 'name: "mnist"' not in config
+    assert '\nname: "digits"\nplatform' in config and 'name: "mnist"' not in config
+
+
+@pytest.mark.parametrize("model", ["mnist", "fashion-mnist", "cifar10"])
+def test_exporting_a_bundled_model_again_leaves_its_config_as_it_is(model):
+    bundled = Path(__file__).resolve().parents[2] / "models" / model / "config.pbtxt"
+    if not bundled.is_file():
+        pytest.skip(f"the bundled models/{model} is not in this checkout")
+    assert triton_config(model, get_recipe(model), bundled.read_text()) == bundled.read_text()
 
 
 def test_an_export_keeps_the_repository_config_and_an_unreadable_one_stops_it_early(mnist_small, tmp_path):
