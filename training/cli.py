@@ -101,7 +101,7 @@ def model_name(args: argparse.Namespace) -> str:
     return name
 
 
-def _gate(args: argparse.Namespace, keep_dir: Path) -> Gate:
+def _gate(args: argparse.Namespace, keep_dir: Path | None = None) -> Gate:
     if args.tolerance < 0:
         raise UsageError(f"--tolerance must be 0 or more percentage points, got {args.tolerance:g}")
     return Gate(tolerance_pp=args.tolerance, force=args.force, keep_dir=keep_dir)
@@ -124,12 +124,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cluster = cluster_from_env()
     chief = cluster is None or cluster.is_chief
     name = model_name(args)
+    gate = _gate(args)  # the run directory it keeps a refused candidate in is known after training
     recipe = get_recipe(args.recipe)
     ds = load_dataset(recipe.dataset, recipe.input_shape, recipe.labels, args.data_dir).limit(args.limit)
     if chief:  # before hours of training, not after
         ensure_writable(args.resume or args.runs_dir, "runs directory")
         ensure_writable(args.models_dir, "models directory")
-    gate = _gate(args, args.resume or args.runs_dir)
     result = train(recipe, ds, args.runs_dir, epochs=args.epochs, max_steps=args.max_steps, resume=args.resume,
                    cluster=cluster)
     try:
@@ -176,13 +176,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from training.recipes import get_recipe
 
     name = model_name(args)
+    run_dir = args.checkpoint.parent
+    gate = _gate(args, run_dir)
     recipe = get_recipe(args.recipe)
     if not args.checkpoint.is_file():
         raise UsageError(f"checkpoint {args.checkpoint} is not a file")
     ds = load_dataset(recipe.dataset, recipe.input_shape, recipe.labels, args.data_dir).limit(args.limit)
     ensure_writable(args.models_dir, "models directory")
-    run_dir = args.checkpoint.parent
-    gate = _gate(args, run_dir)
     model = keras.saving.load_model(args.checkpoint)  # safe_mode stays on: no arbitrary code
     history_path = run_dir / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {}
