@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     env = {"CONVSERVE_ACCESS_LOG": "false", "CONVSERVE_REPOSITORY_POLL_SECONDS": "0",
            **dict(item.split("=", 1) for item in args.env)}
-    env.setdefault("CONVSERVE_QUEUE_TARGET_MS", os.environ.get("CONVSERVE_QUEUE_TARGET_MS", "100"))
+    env.setdefault("CONVSERVE_QUEUE_TARGET_MS", os.environ.get("CONVSERVE_QUEUE_TARGET_MS", "100"))  # the mechanism on
     image = (ROOT / "tests" / "data" / "mnist" / "0000.png").read_bytes()
     server = ServiceProcess(ROOT / "models", env=env)
     try:

@@ -85,9 +85,11 @@ class Settings(BaseSettings):
     config.pbtxt dynamic_batching.max_queue_delay_microseconds, when non-zero, replaces it for that model."""
     max_queue_size: int = Field(1024, ge=1)
     """Most rows waiting per model version; more is refused with 503 and Retry-After."""
-    queue_target_ms: float = Field(100.0, ge=0)
+    queue_target_ms: float = Field(0.0, ge=0)
     """Admission bound on queueing time: a request expected to wait longer than this (milliseconds) before
-    its batch starts is refused at once with 503 and Retry-After (0: off; the length bound still applies)."""
+    its batch starts is refused at once with 503 and Retry-After. 0 (the default): off, only the length bound
+    applies; measured, a storm of clients retrying 20 ms after each refusal costs more than queueing them
+    (docs/benchmarks.md), so it stays opt-in until refusals are cheaper."""
     request_timeout_seconds: float = Field(30.0, gt=0)
     """A request still queued after this long is answered 504 and not executed."""
     default_top_k: int = Field(5, ge=1)
