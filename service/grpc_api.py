@@ -76,6 +76,16 @@ Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
 
+MAX_DETAILS = 1024
+"""Longest error message sent as grpc-message: it travels in a header, and a client-supplied name quoted in
+it must not push the headers past the client's metadata limit (8 KiB by default), which would turn a clear
+INVALID_ARGUMENT into RESOURCE_EXHAUSTED."""
+
+
+def _details(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS - 20] + "... (truncated)"
+
+
 def _rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     """Map ServingErrors to status codes, hide internal errors, and count, time and log the call."""
     method = handler.__name__
@@ -89,7 +99,8 @@ def _rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         except ServingError as exc:
             code = STATUS_CODES.get(exc.status, Code.INTERNAL)
             retry = (exc.headers or {}).get("Retry-After")
-            await context.abort(code, exc.message, trailing_metadata=(("retry-after", retry),) if retry else ())
+            await context.abort(code, _details(exc.message),
+                                trailing_metadata=(("retry-after", retry),) if retry else ())
             raise  # abort raises; for the type checker
         except Exception:
             code = Code.INTERNAL

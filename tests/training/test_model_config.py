@@ -161,7 +161,9 @@ def test_export_to_an_unwritable_models_directory_is_one_error_line_and_exit_2(a
 def test_make_train_runs_the_training_cli_for_the_recipe():
     import subprocess
 
-    result = subprocess.run(["make", "-n", "train", "RECIPE=cifar10", "TRAIN_ARGS=--name pets --epochs 2"],
+    # --no-print-directory: under `make test` the parent make's flags would add "Leaving directory" lines
+    result = subprocess.run(["make", "--no-print-directory", "-n", "train", "RECIPE=cifar10",
+                             "TRAIN_ARGS=--name pets --epochs 2"],
                             cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     argv = result.stdout.strip().splitlines()[-1].split()
