@@ -67,6 +67,17 @@ def top_k(mv: ModelVersion, probabilities: np.ndarray, k: int) -> list[dict[str,
     return results
 
 
+def error_outcome(exc: ServingError) -> tuple[str, str | None]:
+    """A failed request's outcome label, and its rejection reason when it was refused or timed out queued."""
+    if isinstance(exc, Overloaded):
+        return "rejected", exc.reason
+    if isinstance(exc, DeadlineExceeded):
+        return "timeout", "deadline"
+    if isinstance(exc, ClientDisconnected):
+        return "abandoned", None
+    return ("invalid" if exc.status < 500 else "error"), None
+
+
 class DataPlane:
     def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings) -> None:
         self.repository = repository
@@ -179,19 +190,11 @@ class DataPlane:
         m.inflight.inc()
         try:
             outputs = finite_outputs(await outputs_of, f"{mv.name}:{mv.version}")
-        except Overloaded as exc:
-            m.rejected(exc.reason)
-            m.outcome("rejected")
-            raise
-        except DeadlineExceeded:
-            m.rejected("deadline")
-            m.outcome("timeout")
-            raise
-        except ClientDisconnected:
-            m.outcome("abandoned")
-            raise
         except ServingError as exc:
-            m.outcome("invalid" if exc.status < 500 else "error")
+            outcome, reason = error_outcome(exc)
+            if reason is not None:
+                m.rejected(reason)
+            m.outcome(outcome)
             raise
         finally:
             m.inflight.dec()

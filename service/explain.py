@@ -31,13 +31,10 @@ from google.protobuf import empty_pb2
 from google.protobuf.unknown_fields import UnknownFieldSet
 from PIL import Image, ImageDraw, ImageFont
 
-from service.dataplane import DataPlane, top_k
+from service.dataplane import DataPlane, error_outcome, top_k
 from service.errors import (
-    ClientDisconnected,
-    DeadlineExceeded,
     InvalidInput,
     NotExplainable,
-    Overloaded,
     ServingError,
 )
 from service.preprocessing import preprocess
@@ -318,17 +315,6 @@ def feature_grid_png(maps: np.ndarray, title: str) -> str:
 
 # --- The explanation of one image --------------------------------------------------------------
 
-def _outcome(exc: ServingError) -> tuple[str, str | None]:
-    """An error's outcome label, and its rejection reason if it was refused before running."""
-    if isinstance(exc, Overloaded):
-        return "rejected", "queue_full"
-    if isinstance(exc, DeadlineExceeded):
-        return "timeout", "deadline"
-    if isinstance(exc, ClientDisconnected):
-        return "abandoned", None
-    return ("invalid" if exc.status < 500 else "error"), None
-
-
 async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, target: int | None,
                   gone: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Explain one encoded image: its prediction, model input, occlusion saliency and feature maps.
@@ -365,7 +351,7 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
     try:
         outputs = await mv.predict_prepared(1 + occlusion.rows, prepare, gone)
     except ServingError as exc:
-        outcome, reason = _outcome(exc)
+        outcome, reason = error_outcome(exc)
         if reason is not None:
             version_metrics.rejected(reason)
         dataplane.metrics.explanations.labels(*labels, outcome).inc()
