@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if settings.worker_count > 1:
         sys.exit(workers.serve(settings, UVICORN_LOG_CONFIG))
-    app = create_app(settings)
+    app = create_app(settings, freeze_startup=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
                             timeout_graceful_shutdown=settings.drain_seconds)

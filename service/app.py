@@ -6,6 +6,7 @@ Nothing heavy happens at import time; models load in the lifespan.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from service.errors import (
     validation_error_handler,
 )
 from service.metrics import Metrics
-from service.middleware import DrainDeadlineMiddleware, RequestContextMiddleware, configure_logging
+from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
 from service.rest import docs, explain, images, tfserving, v2, web
 from service.rest import repository as repository_api
@@ -51,8 +52,9 @@ async def _poll(repository: ModelRepository, seconds: float) -> None:
 
 
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
-               cluster_dir: Path | None = None) -> FastAPI:
-    """The app of one process; ``cluster_dir`` (set by the supervisor) makes it one of several workers."""
+               cluster_dir: Path | None = None, freeze_startup: bool = False) -> FastAPI:
+    """The app of one process; ``cluster_dir`` (set by the supervisor) makes it one of several workers;
+    ``freeze_startup`` (the server's own processes) exempts what startup made from garbage collection."""
     settings = settings or Settings()
     metrics = metrics or Metrics()
     configure_logging(settings.log_level)
@@ -67,6 +69,14 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
         await cluster.join()
         await repository.refresh()
         app.state.ready = True
+        if freeze_startup:
+            # What startup made (modules, the app, the loaded models) lives as long as the server process: moved
+            # out of the collector's sight, a full collection no longer walks it. It was a pause of the event
+            # loop of tens of milliseconds several times a minute under load (p99 at c=32: 75-93 ms, 28-35 ms
+            # frozen; docs/benchmarks.md). Not for an app embedded in another process (tests): frozen cycles
+            # are never collected, and such a process builds many apps.
+            gc.collect()
+            gc.freeze()
         log.info("models loaded", extra={
             "seconds": round(time.perf_counter() - started, 3),
             "models": {m.name: [s.to_dict() for s in m.statuses()] for m in repository.models()},
@@ -123,6 +133,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
-    app.add_middleware(DrainDeadlineMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app

@@ -3,7 +3,13 @@
 One worker task per model version takes whatever is waiting (up to ``max_batch_size`` rows,
 waiting at most ``max_queue_delay`` for more) and runs it on the version's inference thread,
 then hands each caller its own rows back. While a batch computes, new requests queue up, so
-batches grow with load on their own. The queue is bounded twice: by its length (a full queue
+batches grow with load on their own.
+
+Where a worker process has only one CPU to itself (``BatchingConfig.on_loop``), the batch runs on
+the event loop instead: the thread would buy no parallelism there, and its hand-offs (a wakeup,
+a GIL transfer and a context switch each way, per batch) cost more than it overlaps. Requests
+that arrive while such a batch computes wait in the socket buffers and form the next batch, so
+batching still grows with load. The queue is bounded twice: by its length (a full queue
 refuses at once) and by the time a new request would wait (see :meth:`Batcher.expected_wait`).
 
 A request may carry its rows, or a ``prepare`` function that makes them (image decoding):
@@ -56,6 +62,8 @@ class BatchingConfig:
     """A request still queued after this long is answered 504 and never run."""
     queue_target_s: float = 0.0
     """Admission refuses a request expected to wait longer than this before its batch starts (0: off)."""
+    on_loop: bool = False
+    """Run batches on the event loop rather than on the version's inference thread."""
 
 
 @dataclass
@@ -210,6 +218,8 @@ class Batcher:
                 await self._wakeup.wait()
             if delay and self._queued_rows < max_rows:
                 await asyncio.sleep(delay)
+            elif self.config.on_loop:
+                await asyncio.sleep(0)  # the loop's other ready requests join this batch (and answers go out)
             batch = self._take(max_rows)
             if not batch:
                 continue
@@ -217,7 +227,10 @@ class Batcher:
             self._running = batch
             self._running_rows = sum(item.n for item in batch)
             try:
-                result = await loop.run_in_executor(self._executor, self._execute, batch)
+                if self.config.on_loop:
+                    result = self._execute(batch)
+                else:
+                    result = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:  # a runtime failure fails this batch only
                 for item in batch:
                     if not item.future.done():

@@ -14,8 +14,8 @@ and the version it was admitted to stays loaded until the block ends.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,21 @@ def error_outcome(exc: ServingError) -> tuple[str, str | None]:
     if isinstance(exc, ClientDisconnected):
         return "abandoned", None
     return ("invalid" if exc.status < 500 else "error"), None
+
+
+class Admission:
+    """``async with dataplane.admitted(...) as mv``: an admitted request's hold on its version."""
+
+    __slots__ = ("_hold",)
+
+    def __init__(self, hold: AbstractContextManager[ModelVersion]) -> None:
+        self._hold = hold
+
+    async def __aenter__(self) -> ModelVersion:
+        return self._hold.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._hold.__exit__(None, None, None)
 
 
 class DataPlane:
@@ -145,12 +160,9 @@ class DataPlane:
 
     # Inference ---------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def admitted(self, name: str, version: str | None = None) -> AsyncIterator[ModelVersion]:
-        """Look the version up and admit a request to it before its body is read (404, 503 otherwise).
-
-        The version stays loaded until the block ends, even if it is unloaded meanwhile.
-        """
+    def admitted(self, name: str, version: str | None = None) -> Admission:
+        """Look the version up and admit a request to it before its body is read (404, 503 otherwise);
+        ``async with`` it. The version stays loaded until the block ends, even if it is unloaded meanwhile."""
         mv = self.version(name, version)
         try:
             mv.batcher.check_capacity()
@@ -158,8 +170,7 @@ class DataPlane:
             mv.metrics.rejected(exc.reason)
             mv.metrics.outcome("rejected")
             raise
-        with mv.hold():
-            yield mv
+        return Admission(mv.hold())
 
     def check_rows(self, mv: ModelVersion, rows: np.ndarray) -> np.ndarray:
         """Validate a tensor against the model input: [N, H, W, C] float32, finite, within limits."""

@@ -13,8 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +81,22 @@ class VersionStatus:
         return out
 
 
+class _Hold:
+    """An admitted request's claim on a version (a class, not a generator: it is taken on every request)."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: ModelVersion) -> None:
+        self.version = version
+
+    def __enter__(self) -> ModelVersion:
+        self.version._acquire()
+        return self.version
+
+    def __exit__(self, *exc: object) -> None:
+        self.version._release()
+
+
 class ModelVersion:
     """A loaded version, whole from the moment it exists: runtime, batcher, metrics and image spec.
 
@@ -119,20 +134,21 @@ class ModelVersion:
     def label(self, class_id: int) -> str:
         return self.labels[class_id] if 0 <= class_id < len(self.labels) else str(class_id)
 
-    @contextmanager
-    def hold(self) -> Iterator[ModelVersion]:
-        """Keep this version loaded while an admitted request uses it."""
+    def hold(self) -> _Hold:
+        """Keep this version loaded while an admitted request uses it (``with mv.hold(): ...``)."""
         if not self.ready:
             raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready "
                                 f"({self.status.state.lower()})")
+        return _Hold(self)
+
+    def _acquire(self) -> None:
         self._holders += 1
         self._released.clear()
-        try:
-            yield self
-        finally:
-            self._holders -= 1
-            if self._holders == 0:
-                self._released.set()
+
+    def _release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._released.set()
 
     async def predict(self, rows: np.ndarray, gone: Gone | None = None) -> Outputs:
         """Run a float32 batch through this version's batching queue."""

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     """Worker processes serving on the one port (auto: the usable CPUs; 1: a single process, no supervisor)."""
     inference_threads: int = Field(0, ge=0)
     """Threads each model's runtime may use for one batch (intra-op). 0: half the CPUs / workers, at least 1."""
+    inference_on_loop: bool | Literal["auto"] = "auto"
+    """Run each model's batches on the worker's event loop (true) or on a thread of their own (false). auto: on
+    the loop when a worker has at most one CPU to itself (workers >= usable CPUs), where a thread buys no
+    parallelism and its hand-offs cost more than they overlap; on a thread otherwise."""
     version_policy: str = "latest:1"
     """Versions to serve per model unless its config.pbtxt has a version_policy: latest:N, all, or specific:1,3."""
 
@@ -130,6 +134,13 @@ class Settings(BaseSettings):
         if self.decode_threads == 0:
             self.decode_threads = max(1, available_cpus() // (2 * self.worker_count))
         return self
+
+    @property
+    def batches_on_loop(self) -> bool:
+        """``inference_on_loop`` with ``auto`` resolved."""
+        if self.inference_on_loop == "auto":
+            return self.worker_count >= available_cpus()
+        return self.inference_on_loop
 
     @property
     def worker_count(self) -> int:

@@ -110,7 +110,7 @@ def serve(settings: Settings, log_config: dict[str, Any]) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every worker
         cluster.prepare(state_dir, settings.worker_count)
         config = uvicorn.Config(
-            functools.partial(create_app, settings, cluster_dir=state_dir), factory=True,
+            functools.partial(create_app, settings, cluster_dir=state_dir, freeze_startup=True), factory=True,
             host=settings.host, port=settings.port, workers=settings.worker_count,
             log_level=settings.log_level.lower(), log_config=log_config, access_log=False, server_header=False,
             timeout_graceful_shutdown=settings.drain_seconds, timeout_worker_healthcheck=HEALTHCHECK_SECONDS)

@@ -37,6 +37,7 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_settings(models_dir: Path, **overrides: object) -> Settings:
     """Test settings; admission by queueing time is off unless a test turns it on (tests/service/test_admission.py)."""
     overrides.setdefault("queue_target_ms", 0)
+    overrides.setdefault("inference_on_loop", False)  # the fake slow runtimes block their thread, not the loop
     return Settings(models_dir=models_dir, access_log=False, inference_threads=1, **overrides)
 
 

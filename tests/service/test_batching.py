@@ -280,3 +280,48 @@ def test_close_waits_for_queued_work_without_polling():
     still_waiting, first, queued = run(scenario())
     assert still_waiting
     assert first["double"].shape == (1, 2) and queued["double"].tolist() == [[2.0, 2.0]]
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+def test_batches_run_on_the_event_loop_or_on_the_inference_thread_as_configured(on_loop):
+    threads: list[int] = []
+
+    def model(rows):
+        threads.append(threading.get_ident())
+        return {"double": rows * 2}
+
+    async def scenario():
+        batcher = Batcher(model, BatchingConfig(max_batch_size=8, on_loop=on_loop), "m")
+        batcher.start()
+        inputs = [np.full((1, 2), i, dtype=np.float32) for i in range(8)]
+        outputs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        await batcher.close()
+        return inputs, outputs
+
+    inputs, outputs = run(scenario())
+    for x, y in zip(inputs, outputs):
+        np.testing.assert_array_equal(y["double"], x * 2)
+    assert (set(threads) == {threading.get_ident()}) is on_loop  # asyncio.run runs the loop on this thread
+    if on_loop:
+        assert len(threads) == 1  # with no queue delay, what queued in one turn of the loop ran as one batch
+
+
+def test_on_the_loop_a_runtime_failure_fails_only_that_batch():
+    calls = []
+
+    def flaky(rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return {"y": rows}
+
+    async def scenario():
+        batcher = Batcher(flaky, BatchingConfig(max_batch_size=1, on_loop=True), "m")
+        batcher.start()
+        with pytest.raises(InferenceFailed, match="RuntimeError"):
+            await batcher.submit(np.zeros((1, 1), dtype=np.float32))
+        result = await batcher.submit(np.ones((1, 1), dtype=np.float32))
+        await batcher.close()
+        return result
+
+    assert run(scenario())["y"].tolist() == [[1.0]]

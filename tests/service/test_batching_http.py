@@ -151,7 +151,9 @@ def test_request_past_its_deadline_answers_504(app_client_factory, unconfigured_
 
 
 @pytest.mark.parametrize("overrides", [{"max_queue_delay_us": 0}, {"batching": False},
-                                       {"max_queue_delay_us": 2000}], ids=["zero-delay", "off", "2ms-delay"])
+                                       {"max_queue_delay_us": 2000}, {"inference_on_loop": True},
+                                       {"inference_on_loop": True, "max_queue_delay_us": 2000}],
+                         ids=["zero-delay", "off", "2ms-delay", "on-loop", "on-loop-2ms-delay"])
 def test_zero_delay_and_batching_off_modes_answer_correctly(overrides, app_client_factory, unconfigured_repo):
     client = app_client_factory(unconfigured_repo, **overrides)
     session = ort.InferenceSession(str(unconfigured_repo / "digits" / "2" / "model.onnx"))

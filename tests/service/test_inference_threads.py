@@ -84,3 +84,24 @@ def test_the_environment_overrides_the_default(machine, intra_op_threads, monkey
     write_digit_version(tmp_path / "models", "m", 1)
     serve(tmp_path / "models")
     assert intra_op_threads == [3]
+
+
+@pytest.mark.parametrize(("cpus", "workers", "setting", "on_loop"), [
+    (2, "auto", "auto", True),     # a worker per CPU: no CPU for a thread to overlap with
+    (2, "2", "auto", True),
+    (4, "2", "auto", False),       # two CPUs per worker: the thread runs beside the event loop
+    (2, "1", "auto", False),
+    (1, "1", "auto", True),        # a one-CPU container
+    (2, "auto", "false", False),   # the setting wins over the default
+    (8, "1", "true", True),
+])
+def test_batches_run_on_the_event_loop_when_a_worker_has_one_cpu(cpus, workers, setting, on_loop, machine,
+                                                                monkeypatch, tmp_path):
+    monkeypatch.setenv("CONVSERVE_WORKERS", workers)
+    monkeypatch.setenv("CONVSERVE_INFERENCE_ON_LOOP", setting)
+    machine(cpus, None)
+    write_digit_version(tmp_path / "models", "m", 1)
+    app = create_app(Settings(models_dir=tmp_path / "models", access_log=False))
+    with TestClient(app) as client:
+        assert client.get("/v2/models/m/ready").status_code == 200
+        assert app.state.dataplane.version("m").batcher.config.on_loop is on_loop
