@@ -152,7 +152,8 @@ def test_abandoned_requests_are_skipped():
     assert run(scenario()).batches == [1]
 
 
-def test_runtime_failure_fails_only_that_batch():
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_runtime_failure_fails_only_that_batch(on_loop):
     calls = []
 
     def flaky(rows):
@@ -162,7 +163,7 @@ def test_runtime_failure_fails_only_that_batch():
         return {"y": rows}
 
     async def scenario():
-        batcher = Batcher(flaky, BatchingConfig(max_batch_size=1), "m")
+        batcher = Batcher(flaky, BatchingConfig(max_batch_size=1, on_loop=on_loop), "m")
         batcher.start()
         with pytest.raises(InferenceFailed, match="RuntimeError"):
             await batcher.submit(np.zeros((1, 1), dtype=np.float32))
@@ -305,23 +306,3 @@ def test_batches_run_on_the_event_loop_or_on_the_inference_thread_as_configured(
     if on_loop:
         assert len(threads) == 1  # with no queue delay, what queued in one turn of the loop ran as one batch
 
-
-def test_on_the_loop_a_runtime_failure_fails_only_that_batch():
-    calls = []
-
-    def flaky(rows):
-        calls.append(len(rows))
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return {"y": rows}
-
-    async def scenario():
-        batcher = Batcher(flaky, BatchingConfig(max_batch_size=1, on_loop=True), "m")
-        batcher.start()
-        with pytest.raises(InferenceFailed, match="RuntimeError"):
-            await batcher.submit(np.zeros((1, 1), dtype=np.float32))
-        result = await batcher.submit(np.ones((1, 1), dtype=np.float32))
-        await batcher.close()
-        return result
-
-    assert run(scenario())["y"].tolist() == [[1.0]]
