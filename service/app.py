@@ -34,6 +34,7 @@ from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
 from service.rest import docs, explain, images, tfserving, v2, web
 from service.rest import repository as repository_api
+from service.rest.admission import AdmissionGate
 from service.settings import Settings
 
 log = logging.getLogger("service.app")
@@ -133,5 +134,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
+    app.add_middleware(AdmissionGate, dataplane=dataplane,
+                       routes=[route for router in (images.router, explain.router, v2.router, tfserving.router)
+                               for route in router.routes])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app

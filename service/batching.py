@@ -141,8 +141,11 @@ class Batcher:
     # and CoDel judges requests already in the queue, reacting only after a full interval of
     # standing delay. The wait a newcomer faces is the work ahead of it divided by the rate the
     # batcher drains it at, and both are known here: the rows queued or running, and a moving
-    # average of the measured seconds per row of recent batches (which, under load, is the
-    # full-batch rate). The average follows a change in service speed within a few batches.
+    # average of the measured seconds per row of recent batches. Under a backlog a batch is timed
+    # from its start to the next one's, not by its compute alone: that is the rate the queue
+    # really drains at, with whatever else takes the CPU meanwhile (the HTTP work of a worker
+    # whose batches run on its event loop, other processes). Otherwise its own duration is used.
+    # The average follows a change in service speed within a few batches.
     #
     # Less than one full batch ahead is always admitted: refusing it could only leave the model
     # idle. Without that floor, a storm of refused clients that retry at once starves the
@@ -211,8 +214,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         max_rows = self.config.max_batch_size
         delay = self.config.max_queue_delay_us / 1e6
+        backlogged: tuple[float, int, float] | None = None  # (start, rows, seconds) of a batch a backlog followed
         while True:
             if not self._queue:
+                if backlogged is not None:  # the backlog was gone after all: that batch's own duration
+                    self._observe_speed(backlogged[1], backlogged[2])
+                    backlogged = None
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -224,6 +231,9 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
+            if backlogged is not None:  # start to start: the rate the queue drained at
+                self._observe_speed(backlogged[1], started - backlogged[0])
+                backlogged = None
             self._running = batch
             self._running_rows = sum(item.n for item in batch)
             try:
@@ -237,7 +247,11 @@ class Batcher:
                         item.future.set_exception(InferenceFailed(f"inference failed: {exc.__class__.__name__}"))
                 self._running, self._running_rows = [], 0
                 continue
-            self._observe_speed(self._running_rows, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            if self._queue:
+                backlogged = (started, self._running_rows, elapsed)
+            else:
+                self._observe_speed(self._running_rows, elapsed)
             if self._on_batch is not None and result.rows:
                 try:
                     self._on_batch(result.rows, [started - i.enqueued for i in batch], result.compute_seconds)

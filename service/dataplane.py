@@ -160,9 +160,9 @@ class DataPlane:
 
     # Inference ---------------------------------------------------------------------------------
 
-    def admitted(self, name: str, version: str | None = None) -> Admission:
-        """Look the version up and admit a request to it before its body is read (404, 503 otherwise);
-        ``async with`` it. The version stays loaded until the block ends, even if it is unloaded meanwhile."""
+    def check_admission(self, name: str, version: str | None = None) -> ModelVersion:
+        """The version a request names, if it takes the request now: 404 if unknown, 503 if not ready or
+        overloaded (a refusal is counted here)."""
         mv = self.version(name, version)
         try:
             mv.batcher.check_capacity()
@@ -170,7 +170,12 @@ class DataPlane:
             mv.metrics.rejected(exc.reason)
             mv.metrics.outcome("rejected")
             raise
-        return Admission(mv.hold())
+        return mv
+
+    def admitted(self, name: str, version: str | None = None) -> Admission:
+        """Look the version up and admit a request to it before its body is read (404, 503 otherwise);
+        ``async with`` it. The version stays loaded until the block ends, even if it is unloaded meanwhile."""
+        return Admission(self.check_admission(name, version).hold())
 
     def check_rows(self, mv: ModelVersion, rows: np.ndarray) -> np.ndarray:
         """Validate a tensor against the model input: [N, H, W, C] float32, finite, within limits."""

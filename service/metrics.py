@@ -126,17 +126,22 @@ class VersionMetrics:
         self.inflight = metrics.inflight.labels(model, version)
         self.confidence = metrics.confidence.labels(model, version)
         self.queue_depth = _FunctionGauge(metrics, metrics.queue_depth.labels(model, version), ("queue", *self._labels))
-        self.success = metrics.inference_requests.labels(model, version, "success")
         self._classes: dict[int, Counter] = {}
+        # Children resolved once (a storm of refusals counts each one); success from the start, at 0.
+        self._outcomes: dict[str, Counter] = {"success": metrics.inference_requests.labels(model, version, "success")}
+        self._rejections: dict[str, Counter] = {}
 
     def outcome(self, outcome: str) -> None:
-        if outcome == "success":
-            self.success.inc()
-        else:
-            self._metrics.inference_requests.labels(*self._labels, outcome).inc()
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self._metrics.inference_requests.labels(*self._labels, outcome)
+        child.inc()
 
     def rejected(self, reason: str) -> None:
-        self._metrics.rejected.labels(*self._labels, reason).inc()
+        child = self._rejections.get(reason)
+        if child is None:
+            child = self._rejections[reason] = self._metrics.rejected.labels(*self._labels, reason)
+        child.inc()
 
     def predicted(self, class_id: int, label: str, confidence: float) -> None:
         if not math.isfinite(confidence):  # one NaN would make the confidence sum NaN for good

@@ -80,6 +80,9 @@ class RequestContextMiddleware:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
+        # Label children by (method, route, status): closed sets (see KNOWN_METHODS), resolved once each.
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,8 +126,15 @@ class RequestContextMiddleware:
         method = scope["method"]
         if template not in UNCOUNTED_ROUTES:
             label = method if method in KNOWN_METHODS else "other"
-            self.metrics.http_requests.labels(label, template, str(status)).inc()
-            self.metrics.http_latency.labels(label, template).observe(elapsed)
+            counter = self._counters.get((label, template, status))
+            if counter is None:
+                counter = self._counters[label, template, status] = self.metrics.http_requests.labels(
+                    label, template, str(status))
+            counter.inc()
+            latency = self._latencies.get((label, template))
+            if latency is None:
+                latency = self._latencies[label, template] = self.metrics.http_latency.labels(label, template)
+            latency.observe(elapsed)
         if self.log_requests:
             access_log.info("request", extra={
                 "request_id": request_id, "method": method[:16], "path": scope["path"], "route": template,

@@ -97,7 +97,7 @@ def model_settings(config: ModelConfig | None, settings: Settings) -> ModelSetti
         sources.update(max_batch_size="batching off", max_queue_delay_us="batching off")
         batching = BatchingConfig(max_batch_size=1, max_queue_delay_us=0, max_queue_size=settings.max_queue_size,
                                   timeout_s=settings.request_timeout_seconds,
-                                  queue_target_s=settings.queue_target_ms / 1000, on_loop=settings.batches_on_loop)
+                                  queue_target_s=settings.queue_target_seconds, on_loop=settings.batches_on_loop)
         return ModelSettings(batching, policy, sources)
 
     max_batch, sources["max_batch_size"] = settings.max_batch_size, _source(settings, "max_batch_size")
@@ -110,5 +110,5 @@ def model_settings(config: ModelConfig | None, settings: Settings) -> ModelSetti
         sources["max_queue_delay_us"] = CONFIG_FILE
     batching = BatchingConfig(max_batch_size=max_batch, max_queue_delay_us=delay,
                               max_queue_size=settings.max_queue_size, timeout_s=settings.request_timeout_seconds,
-                              queue_target_s=settings.queue_target_ms / 1000, on_loop=settings.batches_on_loop)
+                              queue_target_s=settings.queue_target_seconds, on_loop=settings.batches_on_loop)
     return ModelSettings(batching, policy, sources)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,11 +89,12 @@ class Settings(BaseSettings):
     config.pbtxt dynamic_batching.max_queue_delay_microseconds, when non-zero, replaces it for that model."""
     max_queue_size: int = Field(1024, ge=1)
     """Most rows waiting per model version; more is refused with 503 and Retry-After."""
-    queue_target_ms: float = Field(0.0, ge=0)
+    queue_target_ms: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     """Admission bound on queueing time: a request expected to wait longer than this (milliseconds) before
-    its batch starts is refused at once with 503 and Retry-After. 0 (the default): off, only the length bound
-    applies; measured, a storm of clients retrying 20 ms after each refusal costs more than queueing them
-    (docs/benchmarks.md), so it stays opt-in until refusals are cheaper."""
+    its batch starts is refused at once with 503 and Retry-After; 0: off, only the length bound applies.
+    auto (the default): 100 ms where batches run on the event loop (a worker per CPU, the default), off where
+    each model has an inference thread, where a storm of refusals was measured to starve that thread of the
+    interpreter and lose two thirds of the goodput (docs/benchmarks.md)."""
     request_timeout_seconds: float = Field(30.0, gt=0)
     """A request still queued after this long is answered 504 and not executed."""
     default_top_k: int = Field(5, ge=1)
@@ -141,6 +142,13 @@ class Settings(BaseSettings):
         if self.inference_on_loop == "auto":
             return self.worker_count >= available_cpus()
         return self.inference_on_loop
+
+    @property
+    def queue_target_seconds(self) -> float:
+        """``queue_target_ms`` with its default resolved, in seconds (0: off)."""
+        if self.queue_target_ms == "auto":
+            return 0.1 if self.batches_on_loop else 0.0
+        return self.queue_target_ms / 1000
 
     @property
     def worker_count(self) -> int:

@@ -153,3 +153,101 @@ def test_over_http_the_refusal_is_a_503_before_the_body_is_read(app_client_facto
     assert answers == [200, 200]
     metrics = client.get("/metrics").text
     assert 'convserve_rejected_requests_total{model="digits",reason="queue_delay",version="2"} 1.0' in metrics
+
+
+def test_under_a_backlog_the_estimate_is_the_rate_the_queue_drains_at_not_the_compute_alone():
+    """Batches on the event loop: 5 ms of compute each, but the loop's other work (here a task that holds it
+    60 ms at each turn, as HTTP work does) slows the drain. Timed start to start under a backlog, the estimate
+    sees that; with nothing queued behind a batch, its own duration is all there is to see."""
+    hog = 0.06
+
+    async def scenario() -> tuple[float, float]:
+        runtime = FakeRuntime(0.005)
+        batcher = Batcher(runtime, BatchingConfig(max_batch_size=1, on_loop=True), "m:1")
+        batcher.start()
+        await batcher.submit(ROW)  # alone: its own duration
+        alone = batcher._seconds_per_row
+
+        stop = False
+
+        async def busy_loop() -> None:
+            while not stop:
+                time.sleep(hog)  # blocks the loop, as a burst of requests being parsed does
+                await asyncio.sleep(0)
+
+        hogger = asyncio.ensure_future(busy_loop())
+        await asyncio.gather(*(batcher.submit(ROW) for _ in range(8)))  # a backlog of 8
+        stop = True
+        await hogger
+        backlogged = batcher._seconds_per_row
+        await batcher.close()
+        return alone, backlogged
+
+    alone, backlogged = asyncio.run(scenario())
+    assert alone < hog  # 5 ms of compute (plus this machine's overhead), no hog in between
+    assert backlogged > 0.5 * hog  # most of the recent cycles included a turn of the hog
+
+
+@pytest.mark.parametrize(("workers", "cpus", "target", "expected"), [
+    ("auto", 2, "auto", 0.1),   # a worker per CPU: batches on the loop, the bound on at 100 ms
+    ("1", 2, "auto", 0.0),      # an inference thread per model: off (the storm starves the thread)
+    ("1", 2, "250", 0.25),      # set: as set
+    ("auto", 2, "0", 0.0),
+])
+def test_the_queue_target_default_depends_on_where_batches_run(workers, cpus, target, expected, monkeypatch):
+    import service.settings
+    from service.settings import Settings
+
+    monkeypatch.setattr(service.settings, "available_cpus", lambda: cpus)
+    monkeypatch.delenv("CONVSERVE_INFERENCE_ON_LOOP", raising=False)
+    monkeypatch.setenv("CONVSERVE_WORKERS", workers)
+    monkeypatch.setenv("CONVSERVE_QUEUE_TARGET_MS", target)
+    assert Settings().queue_target_seconds == expected
+
+
+@pytest.mark.parametrize(("path", "body", "content_type"), [
+    ("/models/digits/predict", b"not an image", "image/png"),
+    ("/models/digits/versions/2/predict", b"not an image", "image/png"),
+    ("/v2/models/digits/infer", b"{not json", "application/json"),
+    ("/v1/models/digits:predict", b"{not json", "application/json"),
+    ("/models/digits/explain", b"not an image", "image/png"),
+])
+def test_the_gate_refuses_before_the_app_with_the_routes_own_answer(path, body, content_type, app_client_factory,
+                                                                    model_repo):
+    """An overloaded model's requests are refused by the admission gate: the endpoint never runs (the bodies
+    here would be a 400 there), and the answer, id and metrics are the route's own."""
+    client = app_client_factory(model_repo)
+    mv = client.app.state.dataplane.version("digits")
+    endpoint_ran = []
+    original = client.app.state.dataplane.admitted
+
+    def admitted(*args, **kwargs):
+        endpoint_ran.append(args)
+        return original(*args, **kwargs)
+
+    client.app.state.dataplane.admitted = admitted
+
+    def full() -> None:
+        raise Overloaded("model digits:2 is overloaded (expected wait 900 ms, target 100 ms); retry later",
+                         retry_after=1, reason="queue_delay")
+
+    mv.batcher.check_capacity = full
+    response = client.post(path, content=body, headers={"content-type": content_type, "x-request-id": "gate-1"})
+    assert response.status_code == 503
+    assert response.json() == {"error": "model digits:2 is overloaded (expected wait 900 ms, target 100 ms); "
+                                        "retry later"}
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["x-request-id"] == "gate-1"
+    assert endpoint_ran == []
+    metrics = client.get("/metrics").text
+    template = path.replace("digits", "{name}").replace("/2/", "/{version}/")
+    assert f'convserve_http_requests_total{{method="POST",route="{template}",status="503"}} 1.0' in metrics
+    assert 'convserve_rejected_requests_total{model="digits",reason="queue_delay",version="2"} 1.0' in metrics
+
+
+def test_the_gate_lets_everything_else_through_to_the_routes(app_client_factory, model_repo):
+    client = app_client_factory(model_repo)
+    assert client.post("/models/nope/predict", content=b"x", headers={"content-type": "image/png"}).status_code == 404
+    assert client.post("/v2/models/digits/versions/9/infer", json={}).status_code == 404
+    assert client.post("/v2/models/digits/infer", content=b"{not json",
+                       headers={"content-type": "application/json"}).status_code == 400
