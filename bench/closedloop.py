@@ -5,7 +5,8 @@ refusal (503) it waits ``--backoff-ms`` before trying again, as a polite client 
 measures 32 clients (the load that saturates the service) and then 512, on the same server, and
 prints for each: goodput (2xx per second), the accepted requests' p50/p99, the refusals' p99, and
 the share refused; then the goal ratios of the overload issue (accepted p99 at 512 within 2x of
-32's, goodput at least 90% of 32's, refusals under 10 ms at p99).
+32's, goodput at least 90% of 32's, refusals under 10 ms at p99); then the open-loop 2x row:
+arrivals at twice the c=32 goodput (bench/openloop.py), whatever the server answers.
 
 The server is started here (the bundled models, defaults unless ``--env KEY=VALUE``), measured
 with ``time.perf_counter`` on the client side. Clients are asyncio protocols on uvloop with a minimal
@@ -26,6 +27,7 @@ from pathlib import Path
 import uvloop
 
 from bench.load import multipart_body
+from bench.openloop import http_request, run_open_loop
 from tests.support.server import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating 32 / 512 windows")
     parser.add_argument("--backoff-ms", type=float, default=20.0)
     parser.add_argument("--env", action="append", default=[], help="server environment, KEY=VALUE")
+    parser.add_argument("--open-loop-seconds", type=float, default=6.0,
+                        help="then open-loop arrivals at twice the c=32 goodput for this long (0: skip)")
+    parser.add_argument("--open-loop-connections", type=int, default=1024,
+                        help="most connections of the open-loop run (a request due while all are busy waits "
+                             "client-side, its latency counted from when it was due)")
     args = parser.parse_args(argv)
     env = {"CONVSERVE_ACCESS_LOG": "false", "CONVSERVE_REPOSITORY_POLL_SECONDS": "0", "CONVSERVE_WORKERS": "auto",
            "CONVSERVE_INFERENCE_THREADS": "0",
@@ -160,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
             for clients in (32, 512):
                 rows[clients].append(uvloop.run(measure(server.port, clients, args.seconds,
                                                          args.backoff_ms / 1000, image)))
+        overload = None
+        if args.open_loop_seconds > 0:  # the 2x overload row: arrivals that do not slow down with the server
+            rate = 2 * statistics.median(r["goodput"] for r in rows[32])
+            body, content_type = multipart_body(image)
+            request = http_request("POST", "/models/mnist/predict", f"127.0.0.1:{server.port}", body, content_type)
+            overload = run_open_loop("127.0.0.1", server.port, request, rate, args.open_loop_seconds,
+                                     args.open_loop_connections)
     finally:
         server.stop()
     print(f"server env: {env}; load average at the end: {os.getloadavg()[0]:.1f}")
@@ -174,6 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"accepted p99, 512 / 32: {high['accepted_p99_ms'] / low['accepted_p99_ms']:.2f}x (goal <= 2)")
     print(f"goodput, 512 / 32: {high['goodput'] / low['goodput']:.0%} (goal >= 90%)")
     print(f"refusals p99 at 512: {high['refused_p99_ms']:.1f} ms (goal < 10 ms)")
+    if overload is not None:
+        o = overload
+        print(f"open loop at 2x the c=32 goodput ({o['rate']:.0f} req/s for {o['duration_s']:g} s, at most "
+              f"{o['connections']} connections): {o['ok']} x 200 ({o['ok'] / o['wall_s']:.0f}/s), {o['status_503']} "
+              f"x 503 ({o['status_503_retry_after']} with Retry-After), {o['other_status']} other, "
+              f"{o['socket_errors']} socket errors; accepted p50 {o['ok_p50_ms']:.1f} ms, p99 {o['ok_p99_ms']:.1f} ms "
+              f"from arrival; refusals p50 {o['rejected_p50_ms']:.1f} ms")
 
 
 if __name__ == "__main__":
