@@ -13,8 +13,8 @@ batching still grows with load. The queue is bounded twice: by its length (a ful
 refuses at once) and by the time a new request would wait (see :meth:`Batcher.expected_wait`).
 
 A request may carry its rows, or a ``prepare`` function that makes them (image decoding):
-that runs on the inference thread too, so the event loop only speaks HTTP and one thread hop
-serves the whole batch.
+that runs where the batch runs (the inference thread, or the loop), so with a thread the event
+loop only speaks HTTP and one thread hop serves the whole batch.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class Batcher:
         return await self._enqueue(len(rows), rows, None, gone)
 
     async def submit_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> Outputs:
-        """Queue a request of ``n`` rows that ``prepare()`` makes on the inference thread."""
+        """Queue a request of ``n`` rows that ``prepare()`` makes where the batch runs."""
         return await self._enqueue(n, None, prepare, gone)
 
     async def _enqueue(self, n: int, rows: np.ndarray | None, prepare: Prepare | None,
@@ -271,7 +271,8 @@ class Batcher:
             self._running, self._running_rows = [], 0
 
     def _execute(self, batch: list[_Item]) -> _Executed:
-        """On the inference thread: prepare what needs it, then run the rows as one batch."""
+        """Where batches run (the inference thread or the loop): prepare what needs it, then run the rows as one
+        batch."""
         failures: dict[int, ServingError] = {}
         arrays = []
         for index, item in enumerate(batch):

@@ -177,7 +177,8 @@ _SESSIONS: dict[int, FeatureMaps] = {}
 
 def feature_maps_of(mv: ModelVersion, threads: int) -> FeatureMaps:
     """The version's feature-map session, built on first use and released when the version is unloaded.
-    Called on the version's inference thread only (one per version), so a session is never built twice."""
+    Called only where the version's batches run (its inference thread or the event loop, one at a time), so a
+    session is never built twice."""
     key = id(mv)
     maps = _SESSIONS.get(key)
     if maps is None:
@@ -319,8 +320,9 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
                   gone: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Explain one encoded image: its prediction, model input, occlusion saliency and feature maps.
 
-    The whole job (decoding, the feature-map pass, the occlusion batch) runs on the version's
-    inference thread as one queued request of ``1 + patches`` rows: its cost counts in the queue.
+    The whole job (decoding, the feature-map pass, the occlusion batch) runs where the version's batches
+    run (its inference thread, or the worker's event loop) as one queued request of ``1 + patches`` rows:
+    its cost counts in the queue.
     """
     spec, version_metrics = mv.image_spec, mv.metrics
     classes = len(mv.labels)
@@ -330,7 +332,7 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
     threads = dataplane.settings.inference_threads
     made: dict[str, Any] = {}
 
-    def prepare() -> np.ndarray:  # on the version's inference thread
+    def prepare() -> np.ndarray:  # where the version's batches run
         maps = feature_maps_of(mv, threads)  # first: a model without conv layers is refused before decoding
         started = time.perf_counter()
         row = preprocess(image, spec, dataplane.image_limits)

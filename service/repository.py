@@ -155,7 +155,7 @@ class ModelVersion:
         return await self.batcher.submit(rows, gone)
 
     async def predict_prepared(self, n: int, prepare: Prepare, gone: Gone | None = None) -> Outputs:
-        """Like :meth:`predict`, for ``n`` rows that ``prepare()`` makes on the inference thread."""
+        """Like :meth:`predict`, for ``n`` rows that ``prepare()`` makes where the batch runs."""
         return await self.batcher.submit_prepared(n, prepare, gone)
 
     def on_close(self, release: Callable[[], None]) -> None:
