@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as tg
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.cluster import TICK_SECONDS
 from tests.deploy.test_graceful_shutdown import probe
 from tests.support.server import ServiceProcess
 
@@ -114,6 +115,9 @@ def test_metrics_are_the_sum_over_workers(start_service, tiny_repo, mnist_pngs):
     responses = predict_until_both_workers_answered(service, mnist_pngs[0], "sum-")
     assert all(r.status_code == 200 for r in responses)
     n = len(responses)
+    # The queue gauge is a function gauge, which multiprocess mode cannot call at scrape time: each worker
+    # writes it on its sync tick (docs/workers.md), so a worker's last write may predate its last request.
+    time.sleep(3 * TICK_SECONDS)
     for _ in range(6):  # each scrape is answered by either worker: every one shows the same sums
         scraped = samples(httpx.get(f"{service.url}/metrics", timeout=10).text)
         labels = {"model": "digits", "version": "1"}
