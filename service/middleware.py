@@ -70,7 +70,7 @@ class RequestContextMiddleware:
 
     On SIGTERM the server cancels what is still running after ``CONVSERVE_DRAIN_SECONDS``; such a request
     gets a JSON 503 here, like every other error, instead of the server's plain-text 500. One middleware,
-    not three: every layer wraps every request's ``send``.
+    not two: every layer wraps every request's ``send``.
     """
 
     DRAINED = dumps({"error": "the server is shutting down and this request did not finish within its drain "
