@@ -220,7 +220,7 @@ class DataPlane:
         probabilities = prediction.probabilities
         winners = probabilities.argmax(axis=1)
         for class_id, confidence in zip(winners.tolist(), probabilities[np.arange(len(winners)), winners].tolist()):
-            m.predicted(class_id, mv.label(class_id), confidence)
+            m.predicted(mv.label(class_id), confidence)
         return prediction
 
     async def infer_images(self, mv: ModelVersion, images: list[bytes], gone: Gone | None = None) -> Prediction:

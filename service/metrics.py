@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -99,6 +100,22 @@ class Metrics:
             gauge.set(function())
 
 
+class LabelChildren(dict[tuple[Any, ...], Any]):
+    """The children of one labelled metric, each resolved on first use and then looked up in a dict.
+
+    ``children[values]`` gives ``metric.labels(*prefix, *values)``; a storm of requests on one series costs a dict
+    lookup each rather than ``labels()``'s validation and lock.
+    """
+
+    def __init__(self, metric: Counter | Gauge | Histogram, *prefix: str) -> None:
+        super().__init__()
+        self._metric, self._prefix = metric, prefix
+
+    def __missing__(self, values: tuple[Any, ...]) -> Any:
+        child = self[values] = self._metric.labels(*self._prefix, *values)
+        return child
+
+
 class _FunctionGauge:
     """A gauge child whose ``set_function`` also works in multiprocess mode (see :meth:`Metrics.poll_functions`)."""
 
@@ -116,8 +133,6 @@ class VersionMetrics:
     """The label children of one model version, resolved once."""
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
-        self._metrics = metrics
-        self._labels = (model, version)
         self.inference_latency = metrics.inference_latency.labels(model, version)
         self.preprocess_latency = metrics.preprocess_latency.labels(model, version)
         self.queue_latency = metrics.queue_latency.labels(model, version)
@@ -125,31 +140,23 @@ class VersionMetrics:
         self.batch_rows = metrics.batch_rows.labels(model, version)
         self.inflight = metrics.inflight.labels(model, version)
         self.confidence = metrics.confidence.labels(model, version)
-        self.queue_depth = _FunctionGauge(metrics, metrics.queue_depth.labels(model, version), ("queue", *self._labels))
-        self._classes: dict[int, Counter] = {}
-        # Children resolved once (a storm of refusals counts each one); success from the start, at 0.
-        self._outcomes: dict[str, Counter] = {"success": metrics.inference_requests.labels(model, version, "success")}
-        self._rejections: dict[str, Counter] = {}
+        self.queue_depth = _FunctionGauge(metrics, metrics.queue_depth.labels(model, version),
+                                          ("queue", model, version))
+        self._outcomes = LabelChildren(metrics.inference_requests, model, version)
+        self._outcomes["success",]  # present from the start, at 0
+        self._rejections = LabelChildren(metrics.rejected, model, version)
+        self._classes = LabelChildren(metrics.predicted_class, model, version)
 
     def outcome(self, outcome: str) -> None:
-        child = self._outcomes.get(outcome)
-        if child is None:
-            child = self._outcomes[outcome] = self._metrics.inference_requests.labels(*self._labels, outcome)
-        child.inc()
+        self._outcomes[outcome,].inc()
 
     def rejected(self, reason: str) -> None:
-        child = self._rejections.get(reason)
-        if child is None:
-            child = self._rejections[reason] = self._metrics.rejected.labels(*self._labels, reason)
-        child.inc()
+        self._rejections[reason,].inc()
 
-    def predicted(self, class_id: int, label: str, confidence: float) -> None:
+    def predicted(self, label: str, confidence: float) -> None:
         if not math.isfinite(confidence):  # one NaN would make the confidence sum NaN for good
             return
-        child = self._classes.get(class_id)
-        if child is None:
-            child = self._classes[class_id] = self._metrics.predicted_class.labels(*self._labels, label)
-        child.inc()
+        self._classes[label,].inc()
         self.confidence.observe(confidence)
 
     def batch(self, rows: int, waits: list[float], compute_seconds: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import Metrics
+from service.metrics import LabelChildren, Metrics
 from service.responses import dumps
 
 access_log = logging.getLogger("service.access")
@@ -81,8 +81,8 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.log_requests = log_requests
         # Label children by (method, route, status): closed sets (see KNOWN_METHODS), resolved once each.
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._latencies: dict[tuple[str, str], Any] = {}
+        self._counters = LabelChildren(metrics.http_requests)
+        self._latencies = LabelChildren(metrics.http_latency)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,15 +126,8 @@ class RequestContextMiddleware:
         method = scope["method"]
         if template not in UNCOUNTED_ROUTES:
             label = method if method in KNOWN_METHODS else "other"
-            counter = self._counters.get((label, template, status))
-            if counter is None:
-                counter = self._counters[label, template, status] = self.metrics.http_requests.labels(
-                    label, template, str(status))
-            counter.inc()
-            latency = self._latencies.get((label, template))
-            if latency is None:
-                latency = self._latencies[label, template] = self.metrics.http_latency.labels(label, template)
-            latency.observe(elapsed)
+            self._counters[label, template, status].inc()
+            self._latencies[label, template].observe(elapsed)
         if self.log_requests:
             access_log.info("request", extra={
                 "request_id": request_id, "method": method[:16], "path": scope["path"], "route": template,

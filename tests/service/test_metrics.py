@@ -68,3 +68,18 @@ def test_openapi_documents_every_route(client):
     assert "PredictResponse" in str(predict["responses"]["200"])
     assert "V2InferRequest" in str(paths["/v2/models/{name}/infer"]["post"]["requestBody"])
     assert client.get("/docs").status_code == 200
+
+
+def test_label_children_are_resolved_once_and_keep_the_prefix():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from service.metrics import LabelChildren
+
+    registry = CollectorRegistry()
+    counter = Counter("c_total", "c", ["model", "version", "outcome"], registry=registry)
+    children = LabelChildren(counter, "digits", "2")
+    children["timeout",].inc()
+    children["timeout",].inc(2)
+    assert children["timeout",] is counter.labels("digits", "2", "timeout")
+    assert registry.get_sample_value("c_total", {"model": "digits", "version": "2", "outcome": "timeout"}) == 3
+    assert len(children) == 1
