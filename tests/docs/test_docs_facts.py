@@ -32,3 +32,14 @@ def test_training_md_quotes_the_last_epoch_of_cifar10_v2_from_its_metrics():
 def test_readme_commands_are_portable():
     # GNU-only flags fail on macOS and BSD: base64 -w (use `base64 < f | tr -d '\n'`), sed -i without a suffix.
     assert not re.search(r"base64 -w|sed -i ", README)
+
+
+def test_training_md_table_quotes_every_bundled_versions_test_accuracy():
+    text = (REPO_ROOT / "docs/training.md").read_text()
+    quoted = {(name, int(version)): float(accuracy) for name, version, accuracy in
+              re.findall(r"^\| `([\w-]+)` v(\d+) \| [^|]* \| \**([\d.]+)%\** \|", text, re.MULTILINE)}
+    bundled = {}
+    for metadata in (REPO_ROOT / "models").glob("*/*/metadata.json"):
+        meta = json.loads(metadata.read_text())
+        bundled[meta["name"], meta["version"]] = round(meta["test_metrics"]["accuracy"] * 100, 2)
+    assert quoted == bundled
