@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from service import workers
 from service.app import create_app
 from service.settings import Settings
+from service.state.store import StateStore, StateStoreError
 
 # uvicorn's own messages in the same one-JSON-object-per-line format as the service's.
 UVICORN_LOG_CONFIG = {
@@ -85,6 +86,17 @@ def main(argv: list[str] | None = None) -> None:
             for e in exc.errors())
         print(f"error: invalid settings: {problems}", file=sys.stderr)
         sys.exit(2)
+    if settings.state_url:
+        # Once, before any worker starts: the schema is created (or checked) by one process, and a store
+        # that cannot be used stops the start with its reason.
+        store = StateStore(settings.state_url)
+        try:
+            store.open()
+        except StateStoreError as exc:
+            print(f"error: CONVSERVE_STATE_URL: {exc}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            store.close()
     if settings.worker_count > 1:
         sys.exit(workers.serve(settings, UVICORN_LOG_CONFIG))
     app = create_app(settings, freeze_startup=True)

@@ -32,10 +32,11 @@ from service.errors import (
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
-from service.rest import docs, explain, images, tfserving, v2, web
+from service.rest import docs, explain, feedback, images, tfserving, v2, web
 from service.rest import repository as repository_api
 from service.rest.admission import AdmissionGate
 from service.settings import Settings
+from service.state import State
 
 log = logging.getLogger("service.app")
 
@@ -52,6 +53,23 @@ async def _poll(repository: ModelRepository, seconds: float) -> None:
             log.exception("repository scan failed")
 
 
+async def _refresh_quality(dataplane: DataPlane, seconds: float) -> None:
+    """Keep the live-quality gauges (accuracy, labelled count, drift) in line with the store."""
+    state = dataplane.state
+    if state is None or seconds <= 0:
+        return
+    while True:
+        await asyncio.sleep(seconds)
+        for model in dataplane.models():
+            try:
+                counts = await state.counts(model.name, None)
+            except Exception:  # the store is down: the gauges keep their last values
+                log.warning("live quality refresh failed", extra={"model": model.name})
+                break
+            state.publish(model.name, state.quality(counts, lambda v, m=model: dataplane.version_labels(m, v),
+                                                    lambda v, m=model: dataplane.version_metadata(m, v)))
+
+
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
                cluster_dir: Path | None = None, freeze_startup: bool = False) -> FastAPI:
     """The app of one process; ``cluster_dir`` (set by the supervisor) makes it one of several workers;
@@ -60,13 +78,16 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
     metrics = metrics or Metrics()
     configure_logging(settings.log_level)
     repository = ModelRepository(settings, metrics)
-    dataplane = DataPlane(repository, metrics, settings)
+    state = State(settings, metrics) if settings.state_url else None
+    dataplane = DataPlane(repository, metrics, settings, state)
     cluster = (Cluster(repository) if cluster_dir is None
                else WorkerCluster(cluster_dir, repository, metrics, settings.worker_sync_seconds))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.perf_counter()
+        if state is not None:
+            await state.open()  # a store that cannot be used stops the start, with the reason
         await cluster.join()
         await repository.refresh()
         app.state.ready = True
@@ -84,6 +105,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
         })
         cluster.start(lambda: app.state.ready and repository.ready())
         poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
+        gauges = asyncio.create_task(_refresh_quality(dataplane, settings.quality_refresh_seconds))
         grpc_server = await grpc_api.start_server(
             dataplane, metrics, settings, ready=lambda: app.state.ready and dataplane.ready() and cluster.ready(),
             cluster=cluster)
@@ -95,8 +117,11 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
                 await grpc_server.stop(settings.drain_seconds)
             await cluster.leave()
             poller.cancel()
+            gauges.cancel()
             await repository.close()
             dataplane.close()
+            if state is not None:
+                await state.close()  # writes what the prediction log still holds
 
     app = FastAPI(
         title="convserve",
@@ -121,6 +146,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
     app.include_router(explain.router)
     app.include_router(v2.router)
     app.include_router(tfserving.router)
+    app.include_router(feedback.router)
     app.include_router(repository_api.router)
     app.include_router(web.router)
     app.include_router(docs.router)

@@ -14,6 +14,7 @@ and the version it was admitted to stays loaded until the block ends.
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Awaitable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from service.metrics import Metrics
 from service.preprocessing import ImageLimits
 from service.repository import Model, ModelRepository, ModelVersion, VersionStatus
 from service.settings import Settings
+from service.state import State
 
 
 @dataclass
@@ -94,8 +96,11 @@ class Admission:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings) -> None:
+    def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings,
+                 state: State | None = None) -> None:
         self.repository = repository
+        self.state = state
+        self.prediction_log = state.log if state is not None else None
         self.metrics = metrics
         self.settings = settings
         self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_jpeg_scans,
@@ -147,6 +152,29 @@ class DataPlane:
     def ready(self) -> bool:
         return self.repository.ready()
 
+    def version_metadata(self, model: Model, version: str) -> dict[str, Any]:
+        """A version's metadata.json: the loaded version's, else the file's if it is still on disk."""
+        if not version.isdigit():
+            return {}
+        loaded = model.loaded.get(int(version))
+        if loaded is not None:
+            return loaded.metadata
+        path = self.settings.models_dir / model.name / str(int(version)) / "metadata.json"
+        try:
+            metadata = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return metadata if isinstance(metadata, dict) else {}
+
+    def version_labels(self, model: Model, version: str) -> list[str]:
+        """A version's class labels (those of the version serving now when it is not known any more)."""
+        if version.isdigit() and int(version) in model.loaded:
+            return model.loaded[int(version)].labels
+        labels = self.version_metadata(model, version).get("labels")
+        if isinstance(labels, list) and labels:
+            return [str(x) for x in labels]
+        return model.serving.labels if model.serving is not None else []
+
     def authorize_admin(self, authorization: str) -> None:
         """Check an ``Authorization`` value against the admin token (repository API): 401 or 403 unless it matches."""
         token = self.settings.admin_token
@@ -197,11 +225,18 @@ class DataPlane:
             raise InvalidInput("input contains NaN or Inf values")
         return rows
 
-    async def infer(self, mv: ModelVersion, rows: np.ndarray, gone: Gone | None = None) -> Prediction:
-        """Run validated rows [N, H, W, C] through a version's batching queue, with metrics."""
-        return await self._run(mv, len(rows), mv.predict(rows, gone))
+    async def infer(self, mv: ModelVersion, rows: np.ndarray, gone: Gone | None = None,
+                    request_id: str | None = None) -> Prediction:
+        """Run validated rows [N, H, W, C] through a version's batching queue, with metrics; with a
+        ``request_id``, the answer is logged under it (the prediction log)."""
+        kept = rows if request_id is not None and self._keep_inputs() else None
+        return await self._run(mv, len(rows), mv.predict(rows, gone), request_id, kept)
 
-    async def _run(self, mv: ModelVersion, n: int, outputs_of: Awaitable[Outputs]) -> Prediction:
+    def _keep_inputs(self) -> bool:
+        return self.prediction_log is not None and self.prediction_log.keep()
+
+    async def _run(self, mv: ModelVersion, n: int, outputs_of: Awaitable[Outputs], request_id: str | None = None,
+                   rows: np.ndarray | list[np.ndarray] | None = None) -> Prediction:
         m = mv.metrics
         m.inflight.inc()
         try:
@@ -219,11 +254,17 @@ class DataPlane:
         prediction = Prediction(mv, outputs)
         probabilities = prediction.probabilities
         winners = probabilities.argmax(axis=1)
-        for class_id, confidence in zip(winners.tolist(), probabilities[np.arange(len(winners)), winners].tolist()):
+        classes, scores = winners.tolist(), probabilities[np.arange(len(winners)), winners].tolist()
+        for class_id, confidence in zip(classes, scores):
             m.predicted(mv.label(class_id), confidence)
+        if request_id is not None and self.prediction_log is not None:
+            if isinstance(rows, list):  # the rows an image request's decoding made, when they were kept
+                rows = rows[0] if rows else None
+            self.prediction_log.record(mv.name, mv.version_label, request_id, classes, scores, rows)
         return prediction
 
-    async def infer_images(self, mv: ModelVersion, images: list[bytes], gone: Gone | None = None) -> Prediction:
+    async def infer_images(self, mv: ModelVersion, images: list[bytes], gone: Gone | None = None,
+                           request_id: str | None = None) -> Prediction:
         """Infer on encoded images as one request; see :mod:`service.decoding` for where they are decoded."""
         if not images:
             raise InvalidInput("no images in the request")
@@ -231,7 +272,9 @@ class DataPlane:
             raise InvalidInput(f"{len(images)} images exceed the limit of "
                                f"{self.settings.max_images_per_request} per request")
         metrics = mv.metrics
+        kept: list[np.ndarray] | None = [] if request_id is not None and self._keep_inputs() else None
         outputs = self.decoder.outputs(images, mv.image_spec, metrics.preprocess_latency.observe,
                                        lambda rows: mv.predict(rows, gone),
-                                       lambda n, prepare: mv.predict_prepared(n, prepare, gone), gone)
-        return await self._run(mv, len(images), outputs)
+                                       lambda n, prepare: mv.predict_prepared(n, prepare, gone), gone,
+                                       kept.append if kept is not None else None)
+        return await self._run(mv, len(images), outputs, request_id, kept)

@@ -37,19 +37,25 @@ class DecodePool:
     async def outputs(self, images: list[bytes], spec: ImageSpec, observe: Observe,
                       run_rows: Callable[[np.ndarray], Awaitable[np.ndarray]],
                       run_prepared: Callable[[int, Callable[[], np.ndarray]], Awaitable[np.ndarray]],
-                      gone: Gone | None = None) -> np.ndarray:
+                      gone: Gone | None = None, on_rows: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
         """Model outputs for encoded images: ``run_prepared(n, prepare)`` queues a request whose rows are
-        made in the batch, ``run_rows(rows)`` one whose rows are ready; ``observe`` gets the decoding time."""
+        made in the batch, ``run_rows(rows)`` one whose rows are ready; ``observe`` gets the decoding time,
+        ``on_rows`` (when given) the rows the model gets."""
         opened = open_images(images, self.limits)
         if sum(item.work for item in opened) <= self.inline_work:
             def prepare() -> np.ndarray:
                 started = time.perf_counter()
                 rows = images_to_rows(opened, spec)
                 observe(time.perf_counter() - started)
+                if on_rows is not None:
+                    on_rows(rows)
                 return rows
 
             return await run_prepared(len(opened), prepare)
-        return await run_rows(await self._decode(opened, spec, observe, gone))
+        rows = await self._decode(opened, spec, observe, gone)
+        if on_rows is not None:
+            on_rows(rows)
+        return await run_rows(rows)
 
     async def _decode(self, opened: list[OpenedImage], spec: ImageSpec, observe: Observe,
                       gone: Gone | None) -> np.ndarray:

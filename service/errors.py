@@ -60,6 +60,31 @@ class NonFiniteOutput(ServingError):
     status = 422
 
 
+class UnknownPrediction(ServingError):
+    """Feedback names a prediction id the prediction log does not have."""
+
+    status = 404
+
+
+class Conflict(ServingError):
+    """Feedback gives a prediction a different label from the one it already has."""
+
+    status = 409
+
+
+class UnprocessableInput(ServingError):
+    """Well-formed JSON whose values are not acceptable (a label out of range or of the wrong type)."""
+
+    status = 422
+
+
+class StateUnavailable(ServingError):
+    """The state store is off, or cannot be reached just now."""
+
+    status = 503
+    headers = {"Retry-After": "1"}
+
+
 class ModelNotReady(ServingError):
     status = 503
 

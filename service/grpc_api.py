@@ -183,6 +183,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         dataplane = self.dataplane
         remaining = context.time_remaining()
         token = client_deadline.set(None if remaining is None else time.monotonic() + remaining)
+        # The prediction id: the request's own id when it has a usable one, else a new one (the response's id).
+        request_id = request.id if REQUEST_ID_RE.match(request.id) else os.urandom(8).hex()
         try:
             async with dataplane.admitted(request.model_name, request.model_version or None) as mv:
                 if len(request.inputs) != 1:
@@ -201,13 +203,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     images = _bytes_input(spec, raw)
                     check_response_bytes(response_bytes(mv, len(images), [(n, True, k) for n, k in requested]),
                                          settings.max_response_bytes)
-                    result = await dataplane.infer_images(mv, images)
+                    result = await dataplane.infer_images(mv, images, request_id=request_id)
                 else:
                     rows = dataplane.check_rows(mv, _numeric_input(spec, raw))
                     check_response_bytes(response_bytes(mv, len(rows), [(n, True, k) for n, k in requested]),
                                          settings.max_response_bytes)
-                    result = await dataplane.infer(mv, rows)
-                return _infer_response(result, requested, request.id)
+                    result = await dataplane.infer(mv, rows, request_id=request_id)
+                return _infer_response(result, requested, request_id)
         finally:
             client_deadline.reset(token)
 

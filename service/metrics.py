@@ -82,6 +82,25 @@ class Metrics:
         self.load_failures = Counter("convserve_model_load_failures_total", "Model versions that failed to load",
                                      ["model", "version"], registry=r)
 
+        # The prediction log and feedback (service/state). Present from the start, at 0.
+        self.prediction_log_written = Counter("convserve_prediction_log_written_total",
+                                              "Predictions written to the prediction log", registry=r)
+        self.prediction_log_dropped = Counter("convserve_prediction_log_dropped_total",
+                                              "Predictions not logged: the writer's queue was full, or the store "
+                                              "failed", ["reason"], registry=r)
+        for reason in ("queue_full", "store_error"):
+            self.prediction_log_dropped.labels(reason)
+        self.feedback = Counter("convserve_feedback_total", "Feedback labels by the labelled version and outcome "
+                                "(correct, incorrect; unknown_prediction and conflict are refused)",
+                                [*labels, "outcome"], registry=r)
+        self.live_accuracy = Gauge("convserve_live_accuracy", "Accuracy of a version on its labelled predictions",
+                                   labels, registry=r, multiprocess_mode="livemostrecent")
+        self.live_labelled = Gauge("convserve_live_labelled", "Labelled predictions behind convserve_live_accuracy",
+                                   labels, registry=r, multiprocess_mode="livemostrecent")
+        self.drift_psi = Gauge("convserve_prediction_drift_psi", "Population stability index of the predicted "
+                               "classes against the version's test set (above 0.25: a significant shift)",
+                               labels, registry=r, multiprocess_mode="livemostrecent")
+
     def for_version(self, model: str, version: int) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
 
@@ -146,6 +165,8 @@ class VersionMetrics:
         self._outcomes["success",]  # present from the start, at 0
         self._rejections = LabelChildren(metrics.rejected, model, version)
         self._classes = LabelChildren(metrics.predicted_class, model, version)
+        for outcome in ("correct", "incorrect"):  # present from the start, at 0
+            metrics.feedback.labels(model, version, outcome)
 
     def outcome(self, outcome: str) -> None:
         self._outcomes[outcome,].inc()

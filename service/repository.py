@@ -108,6 +108,7 @@ class ModelVersion:
                  labels: list[str], probabilities: TensorSpec, batching: BatchingConfig,
                  metrics: VersionMetrics, load_seconds: float) -> None:
         self.name, self.version, self.path = name, version, path
+        self.version_label = str(version)
         self.runtime = runtime
         self.metadata = metadata
         self.labels = labels

@@ -107,6 +107,26 @@ class Settings(BaseSettings):
     worker_sync_seconds: float = Field(60.0, gt=0)
     """With several workers, how long a repository API call waits for every worker to apply it."""
 
+    state_url: str = "sqlite:///data/convserve.sqlite"
+    """The state store (prediction log, feedback): sqlite:///PATH (a relative PATH is under the working directory;
+    the image uses /var/lib/convserve) or postgresql://user:password@host:port/database, which several replicas
+    share. Empty: no store (no prediction log, feedback or live quality)."""
+    prediction_log: bool = True
+    """Log every answered prediction (id, model, version, time, top-1 class and score) in the state store."""
+    keep_inputs: float = Field(0.1, ge=0, le=1)
+    """Fraction of requests whose model inputs (as the model saw them, after preprocessing) are kept in the
+    prediction log, for retraining on labelled production traffic (python -m training refresh); 0 keeps none."""
+    prediction_log_queue: int = Field(10_000, ge=1)
+    """Answered requests waiting to be written per worker; beyond it their records are dropped and counted."""
+    state_retention_days: float = Field(30.0, gt=0)
+    """Predictions (and their feedback) older than this are deleted."""
+    state_max_predictions: int = Field(1_000_000, ge=1)
+    """Most predictions kept; the oldest beyond it are deleted (with their feedback)."""
+    max_feedback_items: int = Field(1000, ge=1)
+    """Most labels one feedback request may carry (413 above)."""
+    quality_refresh_seconds: float = Field(30.0, ge=0)
+    """How often each worker recomputes the live-quality gauges (accuracy, drift) from the store; 0: never."""
+
     access_log: bool = True
     """Write one JSON log line per request."""
     log_level: str = "info"

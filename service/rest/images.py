@@ -89,7 +89,7 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
     settings = dataplane.settings
     async with dataplane.admitted(name, version) as mv:  # 404, 503 before reading a large body
         images, k = await images_and_top_k(request, settings)
-        result = await dataplane.infer_images(mv, images, disconnect_probe(request))
+        result = await dataplane.infer_images(mv, images, disconnect_probe(request), request.scope.get("request_id"))
     return json_response({"model": mv.name, "version": mv.version,
                           "predictions": top_k(mv, result.probabilities, k)})
 

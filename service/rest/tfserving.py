@@ -88,6 +88,7 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
     dataplane: DataPlane = request.app.state.dataplane
     async with dataplane.admitted(name, version) as mv:
         gone = disconnect_probe(request)
+        request_id = request.scope.get("request_id")
         body = await read_body(request, dataplane.settings.max_body_bytes)
         payload = await off_loop(len(body), parse_json, body)
         if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
@@ -110,14 +111,14 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
         result: Prediction
         if isinstance(values, list) and values and all(_is_b64(v) for v in values):
             images = [_b64(v, f"instance {i}") for i, v in enumerate(values)]
-            result = await dataplane.infer_images(mv, images, gone)
+            result = await dataplane.infer_images(mv, images, gone, request_id)
         elif _is_b64(values):
-            result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone)
+            result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone, request_id)
         else:
             if row_format:
                 check_rows(len(values), dataplane.settings.max_request_rows)  # before converting a huge list
             tensor = await off_loop(len(body), _tensor, values, "instances" if row_format else "inputs")
-            result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), gone)
+            result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), gone, request_id)
     key = "predictions" if row_format else "outputs"
     return json_response({key: result.probabilities})
 

@@ -173,7 +173,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         rows = dataplane.check_rows(mv, tensor)
         check_response_bytes(response_bytes(mv, len(rows), _requested_outputs(payload, mv)),
                              settings.max_response_bytes)
-        result = await dataplane.infer(mv, rows, disconnect_probe(request))
+        result = await dataplane.infer(mv, rows, disconnect_probe(request), request.scope.get("request_id"))
         return _infer_response(result.model, result.outputs, payload)
 
 

@@ -49,6 +49,8 @@ class ServiceProcess:
         log = Path(tempfile.gettempdir()) if log is None else log
         self.log_path = log / f"convserve-{self.port}.log" if log.is_dir() else log
         self.log = open(self.log_path, "w+")
+        # A state store of its own (the default kind, a SQLite file), unless the test shares one on purpose.
+        env = {"CONVSERVE_STATE_URL": f"sqlite:///{self.log_path.with_suffix('.sqlite')}", **(env or {})}
         self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "CONVSERVE_INFERENCE_THREADS": "1",
                                              "CONVSERVE_QUEUE_TARGET_MS": "0", "CONVSERVE_WORKERS": "1", **(env or {})})
