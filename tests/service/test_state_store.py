@@ -1,0 +1,178 @@
+"""The state store on SQLite and on a real PostgreSQL, the same tests for both: schema creation and refusal,
+the prediction log, feedback all-or-nothing, the quality counts, retention and the closed loop's examples."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from service.state.store import (
+    SCHEMA_VERSION,
+    Label,
+    LabelConflict,
+    PredictionNotFound,
+    Record,
+    StateStore,
+    StateStoreError,
+    schema_table,
+)
+from tests.support.postgres import fresh_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/state.sqlite"
+    else:
+        with fresh_database() as database:
+            yield database
+
+
+@pytest.fixture()
+def store(url: str) -> Iterator[StateStore]:
+    s = StateStore(url)
+    s.open()
+    yield s
+    s.close()
+
+
+def record(request_id: str, idx: int = 0, *, version: str = "1", class_id: int = 0, score: float = 0.9,
+           at: float = 1000.0, model: str = "digits", data: bytes | None = None) -> Record:
+    return Record(model, request_id, idx, version, at, class_id, score, None, data,
+                  "uint8" if data is not None else None, "2,2,1" if data is not None else None)
+
+
+def test_first_open_creates_the_schema_at_the_current_version(url):
+    s = StateStore(url)
+    assert s.open() == SCHEMA_VERSION
+    assert s.schema_version() == SCHEMA_VERSION
+    tables = set(sa.inspect(s.engine).get_table_names())
+    assert {"convserve_schema", "predictions", "feedback"} <= tables
+    assert StateStore(url).open() == SCHEMA_VERSION  # a second open finds it and keeps it
+
+
+def test_a_schema_newer_than_the_code_is_refused_with_a_message(store, url):
+    with store.engine.begin() as conn:
+        conn.execute(schema_table.update().values(version=SCHEMA_VERSION + 1))
+    with pytest.raises(StateStoreError, match=rf"schema version {SCHEMA_VERSION + 1}.*newer convserve.*upgrade"):
+        StateStore(url).open()
+
+
+def test_an_unusable_url_is_refused_with_a_message():
+    with pytest.raises(StateStoreError, match="not a database URL"):
+        StateStore("not a url at all")
+
+
+def test_a_store_that_cannot_be_reached_is_refused_without_the_password():
+    s = StateStore("postgresql://someone:secret-word@127.0.0.1:1/nowhere")
+    with pytest.raises(StateStoreError) as caught:
+        s.open(attempts=1)
+    assert "secret-word" not in str(caught.value)
+    assert "cannot open the state store" in str(caught.value)
+
+
+def test_processes_opening_an_empty_store_at_once_agree_on_one_schema(url):
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            StateStore(url).open()
+        except BaseException as exc:  # collected: an exception in a thread would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with StateStore(url).engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema_table)).scalar() == 1
+
+
+def test_a_reused_request_id_keeps_the_first_record(store):
+    assert store.write([record("a", class_id=1), record("b", class_id=2)]) == 2
+    assert store.write([record("a", class_id=9), record("c", class_id=3)]) == 1
+    counts = {c.version: c for c in store.version_counts("digits")}
+    assert counts["1"].predicted == {1: 1, 2: 1, 3: 1}
+
+
+def test_feedback_attaches_labels_and_counts_the_confusion(store):
+    store.write([record("r1", 0, class_id=3), record("r1", 1, class_id=5), record("r2", 0, class_id=7, version="2")])
+    result = store.add_feedback("digits", [Label("r1", 0, 3), Label("r1", 1, 6), Label("r2", 0, 7)])
+    assert (result.new, result.repeated) == (3, 0)
+    assert sorted(result.outcomes) == [("1", 3, 3), ("1", 5, 6), ("2", 7, 7)]
+    counts = {c.version: c for c in store.version_counts("digits")}
+    assert counts["1"].confusion == {(3, 3): 1, (6, 5): 1}
+    assert counts["2"].confusion == {(7, 7): 1}
+
+
+def test_the_same_label_again_is_accepted_once(store):
+    store.write([record("r1")])
+    store.add_feedback("digits", [Label("r1", 0, 4)])
+    again = store.add_feedback("digits", [Label("r1", 0, 4)])
+    assert (again.new, again.repeated, again.outcomes) == (0, 1, [])
+
+
+def test_a_different_label_is_a_conflict_and_stores_nothing(store):
+    store.write([record("r1"), record("r2")])
+    store.add_feedback("digits", [Label("r1", 0, 4)])
+    with pytest.raises(LabelConflict):
+        store.add_feedback("digits", [Label("r2", 0, 1), Label("r1", 0, 5)])
+    assert store.version_counts("digits")[0].confusion == {(4, 0): 1}  # r2's label was not stored either
+
+
+def test_an_unknown_prediction_fails_the_whole_batch(store):
+    store.write([record("r1")])
+    with pytest.raises(PredictionNotFound) as caught:
+        store.add_feedback("digits", [Label("r1", 0, 2), Label("nope", 0, 1)])
+    assert (caught.value.request_id, caught.value.index) == ("nope", 0)
+    assert store.version_counts("digits")[0].confusion == {}
+
+
+def test_feedback_is_per_model(store):
+    store.write([record("r1", model="colors")])
+    with pytest.raises(PredictionNotFound):
+        store.add_feedback("digits", [Label("r1", 0, 2)])
+
+
+def test_one_batch_may_not_give_one_prediction_two_labels(store):
+    store.write([record("r1")])
+    with pytest.raises(LabelConflict):
+        store.add_feedback("digits", [Label("r1", 0, 2), Label("r1", 0, 3)])
+
+
+def test_quality_counts_honour_the_time_window(store):
+    store.write([record("old", at=100.0, class_id=1), record("new", at=200.0, class_id=2, score=0.5)])
+    store.add_feedback("digits", [Label("old", 0, 1), Label("new", 0, 2)])
+    (recent,) = store.version_counts("digits", since=150.0)
+    assert recent.predicted == {2: 1}
+    assert recent.score_sum == pytest.approx(0.5)
+    assert recent.confusion == {(2, 2): 1}
+
+
+def test_retention_deletes_old_predictions_and_their_feedback(store):
+    store.write([record(f"r{i}", at=float(i)) for i in range(10)])
+    store.add_feedback("digits", [Label("r0", 0, 0), Label("r9", 0, 0)])
+    assert store.prune(max_age_seconds=100, max_rows=1000, now=105.0) == 5  # r0..r4 are older than 100 s
+    assert store.count_predictions() == 5
+    assert store.prune(max_age_seconds=1e9, max_rows=2, now=105.0) == 3  # the oldest beyond 2 rows
+    assert store.count_predictions() == 2
+    (counts,) = store.version_counts("digits")
+    assert counts.predicted == {0: 2} and counts.confusion == {(0, 0): 1}  # r9 and its label remain
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM feedback")).scalar() == 1
+
+
+def test_labelled_examples_return_the_kept_inputs(store):
+    pixels = np.array([0, 17, 255, 3], dtype=np.uint8).tobytes()
+    store.write([record("k", data=pixels, class_id=1, at=5.0), record("n", class_id=2, at=6.0)])
+    store.add_feedback("digits", [Label("k", 0, 7), Label("n", 0, 2)])
+    (example,) = store.labelled_examples("digits")  # "n" kept no input
+    assert (example.request_id, example.label, example.predicted, example.version) == ("k", 7, 1, "1")
+    assert example.input == pixels and example.input_dtype == "uint8" and example.input_shape == "2,2,1"
