@@ -69,12 +69,16 @@ RUN mkdir -p service && touch README.md service/__init__.py \
     && rm -rf README.md service
 COPY service/ service/
 COPY --chown=convserve:convserve models/ /models/
+# The state store (prediction log, feedback): a SQLite file in a volume of its own, so it outlives the container.
+RUN mkdir -p /var/lib/convserve && chown convserve:convserve /var/lib/convserve
 USER convserve
 ENV CONVSERVE_HOST=0.0.0.0 \
     CONVSERVE_PORT=8000 \
     CONVSERVE_GRPC_PORT=8001 \
     CONVSERVE_MODELS_DIR=/models \
-    CONVSERVE_DRAIN_SECONDS=20
+    CONVSERVE_DRAIN_SECONDS=20 \
+    CONVSERVE_STATE_URL=sqlite:////var/lib/convserve/convserve.sqlite
+VOLUME ["/var/lib/convserve"]
 EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]

@@ -169,8 +169,8 @@ def seconds(duration: str) -> float:
 
 
 def test_compose_config_is_valid(compose_config):
-    assert set(compose_config["services"]) == {"api", "prometheus", "grafana", "train"}
-    assert set(compose_config["volumes"]) >= {"models"}
+    assert set(compose_config["services"]) == {"api", "prometheus", "grafana", "train", "postgres"}
+    assert set(compose_config["volumes"]) >= {"models", "state"}
 
 
 def test_compose_api(compose_config, container_command, settings_env_names):
@@ -178,7 +178,9 @@ def test_compose_api(compose_config, container_command, settings_env_names):
     assert api["build"]["target"] == "serve"
     assert api["ports"] == ["127.0.0.1:8000:8000/tcp", "127.0.0.1:8001:8001/tcp"]
     assert "models:/models:ro" in api["volumes"]
+    assert "state:/var/lib/convserve:rw" in api["volumes"]  # the SQLite state store outlives the container
     env = api["environment"]
+    assert env["CONVSERVE_STATE_URL"] == "sqlite:////var/lib/convserve/convserve.sqlite"
     assert set(env) <= settings_env_names
     assert env["CONVSERVE_ADMIN_TOKEN"] == ""  # the repository API stays off
     assert float(env["CONVSERVE_REPOSITORY_POLL_SECONDS"]) > 0  # picks up what `train` publishes

@@ -183,3 +183,13 @@ def test_kserve_custom_container_runs_our_command(manifests, container_command, 
 
 def test_k8s_files_are_only_yaml(repo_root):
     assert {p.suffix for p in Path(repo_root / "deploy" / "k8s").iterdir()} == {".yaml"}
+
+
+def test_replicas_share_a_postgresql_state_store_named_by_a_secret(manifests):
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] > 1
+    (state,) = [e for e in container_of(deployment)["env"] if e["name"] == "CONVSERVE_STATE_URL"]
+    ref = state["valueFrom"]["secretKeyRef"]
+    secret = one(manifests, "Secret")
+    assert secret["metadata"]["name"] == ref["name"]
+    assert secret["stringData"][ref["key"]].startswith("postgresql://")  # not a SQLite file per pod
