@@ -1,6 +1,8 @@
 // convserve web page: pick a model, draw a digit or upload an image, show the top classes.
 // Every prediction goes to the image endpoint, POST /models/{name}/predict, as a multipart `file`;
-// once it is shown, the same file goes to POST /models/{name}/explain for what the model saw.
+// once it is shown, the same file goes to POST /models/{name}/explain for what the model saw, and the user may send
+// its true label to POST /v2/models/{name}/feedback (the prediction named by its X-Request-Id). The live quality
+// section shows GET /v2/models/{name}/quality: accuracy, confusion matrix and drift per version.
 "use strict";
 
 const TOP_K = 5;
@@ -30,6 +32,13 @@ const modelInputCaption = $("model-input-caption");
 const saliencyCanvas = $("saliency");
 const saliencyCaption = $("saliency-caption");
 const featureMaps = $("feature-maps");
+const feedbackForm = $("feedback");
+const feedbackLabel = $("feedback-label");
+const feedbackSend = $("feedback-send");
+const feedbackStatus = $("feedback-status");
+const qualityCard = $("quality-card");
+const qualityStatus = $("quality-status");
+const qualityVersions = $("quality-versions");
 
 const EXPLAIN_IDLE = "After a prediction, this shows the image the model was given, where it looked, " +
   "and what its layers found.";
@@ -42,6 +51,8 @@ let last = null;        // the last point of the stroke
 let timer = null;       // the debounced drawing prediction
 let sequence = 0;       // only the answer to the newest request is shown
 let previewUrl = null;
+let feedbackFor = null;   // the prediction the feedback control is about: {model, id}
+let qualitySequence = 0;  // only the answer to the newest quality request is shown
 
 function currentModel() {
   return models.find((m) => m.name === select.value);
@@ -61,6 +72,7 @@ function clearError() {
 
 function clearResults() {
   clearExplanation(EXPLAIN_IDLE);
+  hideFeedback();
   results.replaceChildren();
   placeholder.hidden = false;
   latency.textContent = "–";
@@ -69,6 +81,19 @@ function clearResults() {
 
 function percent(score) {
   return `${(score * 100).toFixed(1)}%`;
+}
+
+// The JSON body of an answer, or null when it has none (a proxy's HTML error page, an empty body).
+async function readJson(response) {
+  try {
+    return await response.json();
+  } catch {
+    return null;
+  }
+}
+
+function reasonOf(response, body) {
+  return body && body.error ? body.error : `The service answered HTTP ${response.status}.`;
 }
 
 function showPrediction(body, ms) {
@@ -114,21 +139,17 @@ async function predict(blob, filename) {
   try {
     const response = await fetch(
       `/models/${encodeURIComponent(model.name)}/predict?top_k=${TOP_K}`, {method: "POST", body: form});
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      body = null;
-    }
+    const body = await readJson(response);
     const ms = performance.now() - started;
     if (mine !== sequence) return;  // a newer request has been sent
     if (!response.ok || !body || !Array.isArray(body.predictions)) {
       clearResults();
-      showError(body && body.error ? body.error : `The service answered HTTP ${response.status}.`);
+      showError(reasonOf(response, body));
       return;
     }
     clearError();
     showPrediction(body, ms);
+    offerFeedback(model, response.headers.get("x-request-id"), body.predictions[0]);
     explain(model, blob, filename, mine);
   } catch (err) {
     if (mine !== sequence) return;
@@ -249,12 +270,7 @@ async function explain(model, blob, filename, mine) {
   const started = performance.now();
   try {
     const response = await fetch(`/models/${encodeURIComponent(model.name)}/explain`, {method: "POST", body: form});
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      body = null;
-    }
+    const body = await readJson(response);
     if (mine !== sequence) return;  // a newer prediction has been asked for
     if (!response.ok || !body || !body.saliency) {
       const reason = body && body.error ? body.error : `the service answered HTTP ${response.status}`;
@@ -268,6 +284,218 @@ async function explain(model, blob, filename, mine) {
     if (mine === sequence) explainCard.setAttribute("aria-busy", "false");
   }
 }
+
+// ---- feedback: the true label of the prediction shown ---------------------------
+
+function hideFeedback() {
+  feedbackFor = null;
+  feedbackForm.hidden = true;
+  feedbackForm.removeAttribute("data-request-id");
+  setFeedbackStatus("", false);
+}
+
+function setFeedbackStatus(message, failed) {
+  feedbackStatus.textContent = message;
+  feedbackStatus.classList.toggle("failed", failed);
+}
+
+// The image endpoint answers one image per request, so the prediction is (its request id, index 0).
+function offerFeedback(model, requestId, prediction) {
+  if (!requestId) {
+    hideFeedback();
+    return;
+  }
+  feedbackFor = {model: model.name, id: requestId};
+  feedbackForm.dataset.requestId = requestId;
+  feedbackLabel.replaceChildren(...model.labels.map((label, classId) => new Option(label, String(classId))));
+  feedbackLabel.value = String(prediction.class_id);  // a right answer is confirmed with one click
+  feedbackSend.disabled = false;
+  feedbackForm.setAttribute("aria-busy", "false");
+  setFeedbackStatus("", false);
+  feedbackForm.hidden = false;
+}
+
+async function sendFeedback(event) {
+  event.preventDefault();
+  const target = feedbackFor;
+  if (!target) return;
+  feedbackSend.disabled = true;
+  feedbackForm.setAttribute("aria-busy", "true");
+  setFeedbackStatus("Sending…", false);
+  let message;
+  let recorded = false;
+  try {
+    const response = await fetch(`/v2/models/${encodeURIComponent(target.model)}/feedback`, {
+      method: "POST",
+      headers: {"content-type": "application/json"},
+      body: JSON.stringify({id: target.id, index: 0, label: Number(feedbackLabel.value)}),
+    });
+    const body = await readJson(response);
+    recorded = response.ok && body !== null && body.accepted === 1;
+    message = !recorded ? reasonOf(response, body) : body.new ? "Thanks, recorded." : "Thanks, already recorded.";
+  } catch (err) {
+    message = `Could not reach the service: ${err.message}`;
+  }
+  if (feedbackFor === target) {  // still the prediction shown
+    setFeedbackStatus(message, !recorded);
+    feedbackSend.disabled = false;
+    feedbackForm.setAttribute("aria-busy", "false");
+  }
+  if (recorded && target.model === select.value) refreshQuality();
+}
+
+feedbackForm.addEventListener("submit", sendFeedback);
+
+// ---- live quality ----------------------------------------------------------------
+
+const DRIFT_LEVELS = {none: "no real shift", moderate: "a moderate shift", significant: "a significant shift"};
+const HIT_RGB = "29, 78, 216";    // the accent: right answers, on the diagonal
+const MISS_RGB = "194, 65, 12";   // mistakes, off the diagonal
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+function accuracyText(v) {
+  if (v.accuracy === null) return "no labels yet";
+  const [low, high] = v.accuracy_ci95;
+  return `${percent(v.accuracy)} (${v.correct} of ${v.labelled} right; 95% interval ${percent(low)}–${percent(high)})`;
+}
+
+function driftText(drift) {
+  if (drift.psi === null) return drift.reference ? "–" : "not measured: this version has no reference distribution";
+  return `PSI ${drift.psi.toFixed(3)}: ${DRIFT_LEVELS[drift.level] || drift.level} from the ${drift.reference}`;
+}
+
+function stat(name, key, value) {
+  const row = element("div");
+  const dd = element("dd", "", value);
+  dd.dataset.stat = key;
+  row.append(element("dt", "", name), dd);
+  return row;
+}
+
+// Rows: the true class; columns: the predicted class; each cell shaded by its count, blue on the diagonal
+// (right), orange off it (mistakes), so both where the model is right and how it errs stand out.
+function confusionTable(v) {
+  const {labels, confusion} = v;
+  const peak = Math.max(1, ...confusion.flat());
+  const vertical = labels.some((label) => label.length > 2);  // long labels stand upright above their column
+  const table = element("table", vertical ? "confusion vertical" : "confusion");
+  table.dataset.version = v.version;
+  table.append(element("caption", "", `Confusion matrix of version ${v.version}, ` +
+    `${plural(v.labelled, "labelled prediction", "labelled predictions")}: rows are the true class, ` +
+    "columns the predicted class."));
+  const head = element("thead");
+  const axis = element("tr");
+  const predictedAxis = element("th", "axis", "Predicted →");
+  predictedAxis.colSpan = labels.length;
+  predictedAxis.scope = "colgroup";
+  axis.append(element("td", "corner"), predictedAxis);
+  const columns = element("tr");
+  const trueAxis = element("th", "axis", "True ↓");
+  trueAxis.scope = "col";
+  columns.append(trueAxis, ...labels.map((label) => {
+    const th = element("th", "column-label");
+    th.scope = "col";
+    th.append(element("span", "", label));
+    return th;
+  }));
+  head.append(axis, columns);
+  const body = element("tbody");
+  body.append(...labels.map((trueLabel, t) => {
+    const row = element("tr");
+    const th = element("th", "row-label", trueLabel);
+    th.scope = "row";
+    row.append(th, ...labels.map((predictedLabel, p) => {
+      const count = confusion[t][p];
+      const cell = element("td", t === p ? "cell hit" : "cell miss", String(count));
+      cell.dataset.true = String(t);
+      cell.dataset.predicted = String(p);
+      cell.title = `True ${trueLabel}, predicted ${predictedLabel}: ${plural(count, "prediction", "predictions")}`;
+      if (count > 0) {
+        const strength = 0.15 + (0.85 * count) / peak;
+        cell.style.backgroundColor = `rgba(${t === p ? HIT_RGB : MISS_RGB}, ${strength.toFixed(3)})`;
+        if (strength > 0.55) cell.classList.add("strong");
+      } else {
+        cell.classList.add("zero");
+      }
+      return cell;
+    }));
+    return row;
+  }));
+  table.append(head, body);
+  const frame = element("div", "confusion-frame");
+  frame.append(table);
+  return frame;
+}
+
+function versionQuality(model, v) {
+  const article = element("article", "quality-version");
+  article.dataset.version = v.version;
+  article.append(element("h3", "", `${model.name} v${v.version}`));
+  const drift = stat("Drift", "drift", driftText(v.drift));
+  if (v.drift.level) drift.querySelector("dd").classList.add(`drift-${v.drift.level}`);
+  const stats = element("dl", "quality-stats");
+  stats.append(
+    stat("Predictions", "predictions", String(v.predictions)),
+    stat("Labelled", "labelled", String(v.labelled)),
+    stat("Live accuracy", "accuracy", accuracyText(v)),
+    drift);
+  article.append(stats);
+  if (v.labelled > 0) {
+    article.append(confusionTable(v), element("p", "muted legend",
+      "Blue: right answers (true = predicted); orange: mistakes. The darker the cell, the more predictions."));
+  } else {
+    article.append(element("p", "muted", "No labelled predictions yet: the confusion matrix fills in as true " +
+      "labels are sent with “Was this right?”."));
+  }
+  return article;
+}
+
+function showQualityMessage(message) {
+  qualityStatus.textContent = message;
+  qualityVersions.replaceChildren();
+}
+
+async function refreshQuality() {
+  const model = currentModel();
+  const mine = ++qualitySequence;
+  if (!model) {
+    showQualityMessage("No model selected.");
+    return;
+  }
+  qualityCard.setAttribute("aria-busy", "true");
+  try {
+    const response = await fetch(`/v2/models/${encodeURIComponent(model.name)}/quality`);
+    const body = await readJson(response);
+    if (mine !== qualitySequence) return;  // a newer refresh, or another model, has been asked for
+    if (!response.ok || !body || !Array.isArray(body.versions)) {
+      showQualityMessage(`No live quality: ${reasonOf(response, body)}`);
+      return;
+    }
+    if (body.versions.length === 0) {
+      showQualityMessage(`No predictions of ${model.name} logged yet.`);
+      return;
+    }
+    qualityVersions.replaceChildren(...body.versions.map((v) => versionQuality(model, v)));
+    qualityStatus.textContent = `${model.name}: ${plural(body.versions.length, "version", "versions")} with ` +
+      `logged predictions, newest first (as of ${new Date().toLocaleTimeString()}).`;
+  } catch (err) {
+    if (mine === qualitySequence) showQualityMessage(`No live quality: could not reach the service (${err.message}).`);
+  } finally {
+    if (mine === qualitySequence) qualityCard.setAttribute("aria-busy", "false");
+  }
+}
+
+$("quality-refresh").addEventListener("click", refreshQuality);
 
 // ---- models ---------------------------------------------------------------
 
@@ -284,6 +512,7 @@ function selectModel() {
   results.setAttribute("aria-busy", "false");
   clearError();
   clearResults();
+  refreshQuality();
   if (!model) return;
   modelInfo.textContent = describe(model);
   drawPanel.hidden = !model.digit;
@@ -299,11 +528,13 @@ async function loadModels() {
   } catch (err) {
     select.replaceChildren(new Option("No models", ""));
     showError(`Could not load the models: ${err.message}`);
+    showQualityMessage("No model to show.");
     return;
   }
   if (models.length === 0) {
     select.replaceChildren(new Option("No ready models", ""));
     showError("No model is ready to serve yet.");
+    showQualityMessage("No model to show.");
     return;
   }
   select.replaceChildren(...models.map((m) => new Option(m.digit ? `${m.name} (draw or upload)` : m.name, m.name)));

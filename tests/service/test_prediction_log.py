@@ -11,7 +11,7 @@ import pytest
 
 from service.metrics import Metrics
 from service.state.log import PredictionLog, encoded_input
-from service.state.store import Record, StateStore
+from service.state.store import StateStore
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -26,13 +26,13 @@ class SlowStore(StateStore):
         super().__init__(url)
         self.release = threading.Event()
 
-    def write(self, records: list[Record]) -> int:
+    def write_rows(self, rows: list[tuple]) -> int:
         self.release.wait(10)
-        return super().write(records)
+        return super().write_rows(rows)
 
 
 class BrokenStore(StateStore):
-    def write(self, records: list[Record]) -> int:
+    def write_rows(self, rows: list[tuple]) -> int:
         raise ConnectionError("the database went away")
 
 
@@ -56,7 +56,7 @@ def test_records_are_written_in_batches_by_the_thread(tmp_path: Path):
 def test_a_hanging_store_never_blocks_the_request_path_and_the_excess_is_counted(tmp_path: Path):
     store, metrics = opened(SlowStore(f"sqlite:///{tmp_path}/s.sqlite")), Metrics()
     log = PredictionLog(store, metrics, keep_inputs=0, queue_size=10, max_age_seconds=1e9, max_rows=10**6,
-                        max_batch=5)
+                        max_batch=5, flush_seconds=0.01)
     log.start()
     started = time.perf_counter()
     for i in range(200):
