@@ -176,3 +176,21 @@ def test_labelled_examples_return_the_kept_inputs(store):
     (example,) = store.labelled_examples("digits")  # "n" kept no input
     assert (example.request_id, example.label, example.predicted, example.version) == ("k", 7, 1, "1")
     assert example.input == pixels and example.input_dtype == "uint8" and example.input_shape == "2,2,1"
+
+
+def test_an_older_schema_is_brought_up_to_date_one_step_at_a_time(store, url, monkeypatch):
+    """A store at the current version meets code that knows one more: the step runs once, in order."""
+    import service.state.store as store_module
+
+    steps: list[int] = []
+
+    def add_a_column(conn) -> None:
+        steps.append(SCHEMA_VERSION)
+        conn.execute(sa.text("ALTER TABLE feedback ADD COLUMN note VARCHAR(32)"))
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setitem(store_module.MIGRATIONS, SCHEMA_VERSION, add_a_column)
+    assert StateStore(url).open() == SCHEMA_VERSION + 1
+    assert StateStore(url).open() == SCHEMA_VERSION + 1  # already there: not run again
+    assert steps == [SCHEMA_VERSION]
+    assert "note" in {c["name"] for c in sa.inspect(StateStore(url).engine).get_columns("feedback")}

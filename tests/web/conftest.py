@@ -203,6 +203,23 @@ def page(chrome, web_server: ServiceProcess) -> WebPage:
     return WebPage(chrome, web_server.url)
 
 
+@pytest.fixture()
+def fresh_server(web_models: WebModels, tmp_path: Path) -> Iterator[ServiceProcess]:
+    """A server of this test's own on the same models, so its state store (prediction log, feedback) starts
+    empty and what the test counts is only what it did."""
+    running = ServiceProcess(web_models.root, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture()
+def fresh_page(chrome, fresh_server: ServiceProcess) -> WebPage:
+    """The page freshly loaded from :func:`fresh_server`."""
+    return WebPage(chrome, fresh_server.url)
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
