@@ -49,6 +49,10 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_
         "examples": int(len(labels)),
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
+        # What the model answers, whatever the truth: the reference the server's drift figure compares live
+        # traffic with (service/state/quality.py).
+        "predicted_distribution": (np.bincount(predicted, minlength=n) / max(1, len(predicted))).tolist(),
+        "mean_score": float(probabilities.max(axis=1).mean()) if len(probabilities) else 0.0,
     }
 
 
