@@ -53,6 +53,10 @@ async def _poll(repository: ModelRepository, seconds: float) -> None:
             log.exception("repository scan failed")
 
 
+GAUGE_DRIFT_PREDICTIONS = 10_000
+"""The drift gauge's window: a model's newest predictions (GET .../quality covers every one)."""
+
+
 async def _refresh_quality(dataplane: DataPlane, seconds: float) -> None:
     """Keep the live-quality gauges (accuracy, labelled count, drift) in line with the store."""
     state = dataplane.state
@@ -62,7 +66,8 @@ async def _refresh_quality(dataplane: DataPlane, seconds: float) -> None:
         await asyncio.sleep(seconds)
         for model in dataplane.models():
             try:
-                counts = await state.counts(model.name, None)
+                # Drift over the newest predictions only: a bounded read every tick, whatever the log's size.
+                counts = await state.counts(model.name, None, GAUGE_DRIFT_PREDICTIONS)
             except Exception:  # the store is down: the gauges keep their last values
                 log.warning("live quality refresh failed", extra={"model": model.name})
                 break

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -33,7 +32,7 @@ from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput, ServingError
 from service.limits import check_response_bytes
 from service.metrics import Metrics
-from service.middleware import REQUEST_ID_RE, access_log
+from service.middleware import REQUEST_ID_RE, access_log, new_request_id
 from service.protos import grpc_service_pb2 as pb
 from service.protos import grpc_service_pb2_grpc as pb_grpc
 from service.protos import model_config_pb2 as mc
@@ -134,7 +133,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.log_requests:
             supplied = dict(context.invocation_metadata() or ()).get("x-request-id", "")
             access_log.info("request", extra={
-                "request_id": supplied if REQUEST_ID_RE.match(supplied) else os.urandom(8).hex(),
+                "request_id": supplied if REQUEST_ID_RE.match(supplied) else new_request_id(),
                 "method": "GRPC", "route": method, "status": code.name, "duration_ms": round(elapsed * 1000, 3),
                 "client": context.peer()})
 
@@ -184,7 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         token = client_deadline.set(None if remaining is None else time.monotonic() + remaining)
         # The prediction id: the request's own id when it has a usable one, else a new one (the response's id).
-        request_id = request.id if REQUEST_ID_RE.match(request.id) else os.urandom(8).hex()
+        request_id = request.id if REQUEST_ID_RE.match(request.id) else new_request_id()
         try:
             async with dataplane.admitted(request.model_name, request.model_version or None) as mv:
                 if len(request.inputs) != 1:

@@ -105,8 +105,8 @@ class State:
 
     # Quality ------------------------------------------------------------------------------------
 
-    async def counts(self, model: str, since: float | None) -> list[VersionCounts]:
-        return await self._query(self.store.version_counts, model, since)
+    async def counts(self, model: str, since: float | None, recent: int | None = None) -> list[VersionCounts]:
+        return await self._query(self.store.version_counts, model, since, recent)
 
     def quality(self, counts: Sequence[VersionCounts], labels_of: Callable[[str], list[str]],
                 metadata_of: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:

@@ -372,15 +372,24 @@ class StateStore:
 
     # Queries ------------------------------------------------------------------------------------
 
-    def version_counts(self, model: str, since: float | None = None) -> list[VersionCounts]:
-        """Per version with logged predictions: predictions per class, the score sum, and the confusion counts."""
+    def version_counts(self, model: str, since: float | None = None,
+                       recent: int | None = None) -> list[VersionCounts]:
+        """Per version with logged predictions: predictions per class, the score sum, and the confusion counts.
+
+        ``recent``: the class counts and scores come from the model's newest ``recent`` predictions only (a
+        bounded read, for the gauges); the confusion counts still from every labelled one in the window."""
         p, f = predictions.c, feedback.c
         window = [p.model == model] + ([p.created_at >= since] if since is not None else [])
         by_version: dict[str, VersionCounts] = {}
+        source: Any = predictions
+        if recent is not None:
+            source = (sa.select(p.version, p.class_id, p.score).where(*window)
+                      .order_by(p.created_at.desc()).limit(recent).subquery())
+        s = source.c
         with self.engine.connect() as conn:
             for version, class_id, n, score_sum in conn.execute(
-                    sa.select(p.version, p.class_id, sa.func.count(), sa.func.sum(p.score))
-                    .where(*window).group_by(p.version, p.class_id)):
+                    sa.select(s.version, s.class_id, sa.func.count(), sa.func.sum(s.score))
+                    .where(*(window if recent is None else ())).group_by(s.version, s.class_id)):
                 counts = by_version.setdefault(version, VersionCounts(version, {}, 0.0, {}))
                 counts.predicted[class_id] = n
                 counts.score_sum += float(score_sum or 0.0)
@@ -389,7 +398,8 @@ class StateStore:
             for version, label, class_id, n in conn.execute(
                     sa.select(p.version, f.label, p.class_id, sa.func.count()).select_from(joined)
                     .where(*window).group_by(p.version, f.label, p.class_id)):
-                by_version[version].confusion[label, class_id] = n
+                counts = by_version.setdefault(version, VersionCounts(version, {}, 0.0, {}))
+                counts.confusion[label, class_id] = n
         return list(by_version.values())
 
     def labelled_examples(self, model: str, since: float | None = None,

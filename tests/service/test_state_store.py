@@ -194,3 +194,11 @@ def test_an_older_schema_is_brought_up_to_date_one_step_at_a_time(store, url, mo
     assert StateStore(url).open() == SCHEMA_VERSION + 1  # already there: not run again
     assert steps == [SCHEMA_VERSION]
     assert "note" in {c["name"] for c in sa.inspect(StateStore(url).engine).get_columns("feedback")}
+
+
+def test_the_gauges_read_only_the_newest_predictions_but_every_label(store):
+    store.write([record(f"r{i}", at=float(i), class_id=i % 2) for i in range(10)])
+    store.add_feedback("digits", [Label("r0", 0, 0)])
+    (counts,) = store.version_counts("digits", recent=3)  # r7, r8, r9
+    assert counts.predicted == {1: 2, 0: 1}
+    assert counts.confusion == {(0, 0): 1}  # r0 is old, its label still counts
