@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:  # one line a user can act on, not a traceback
-        problems = "; ".join(
-            f"CONVSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors())
+        problems = "; ".join(dict.fromkeys(  # a union field (auto or a number) reports once per member
+            f"CONVSERVE_{str(e['loc'][0]).upper() if e['loc'] else 'SETTINGS'}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()))
         print(f"error: invalid settings: {problems}", file=sys.stderr)
         sys.exit(2)
     if settings.state_url:

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The forms of a version policy, as Triton's config.pbtxt has them: the newest N, every one, or a list.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 VERSION_POLICY_RE = re.compile(r"latest:[1-9][0-9]*|all|specific:[0-9]+(,[0-9]+)*")
 
 
@@ -144,12 +145,24 @@ class Settings(BaseSettings):
                              "use latest:N (N >= 1), all, or specific:V1,V2,...")
         return policy
 
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} is not a worker count: use auto or a number >= 1")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value.strip().lower() not in LOG_LEVELS:
+            raise ValueError(f"{value[:32]!r} is not a log level: use {', '.join(LOG_LEVELS)}")
+        return value.strip().lower()
+
     @model_validator(mode="after")
     def _split_cores(self) -> Settings:
         """Workers x inference threads stay within the usable CPUs: half of them for inference by default,
         the other half for HTTP and image decoding, which run beside it in every worker."""
-        if isinstance(self.workers, int) and self.workers < 1:
-            raise ValueError("workers must be 'auto' or at least 1")
         if self.inference_threads == 0:
             self.inference_threads = max(1, available_cpus() // (2 * self.worker_count))
         if self.decode_threads == 0:

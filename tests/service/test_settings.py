@@ -86,3 +86,34 @@ def test_shutdown_delay_is_off_by_default(monkeypatch):
     assert Settings().shutdown_delay_seconds == 0
     monkeypatch.setenv("CONVSERVE_SHUTDOWN_DELAY_SECONDS", "5")
     assert Settings().shutdown_delay_seconds == 5
+
+
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("CONVSERVE_LOG_LEVEL", "bogus", "CONVSERVE_LOG_LEVEL: 'bogus' is not a log level"),
+    ("CONVSERVE_WORKERS", "0", "CONVSERVE_WORKERS: 0 is not a worker count"),
+    ("CONVSERVE_QUEUE_TARGET_MS", "fast", "CONVSERVE_QUEUE_TARGET_MS: "),
+    ("CONVSERVE_KEEP_INPUTS", "2", "CONVSERVE_KEEP_INPUTS: Input should be less than or equal to 1"),
+])
+def test_an_unusable_value_stops_the_start_with_one_line_naming_the_setting(tmp_path, variable, value, expected):
+    result = subprocess.run([sys.executable, "-m", "service", "--models-dir", str(tmp_path), "--port", "0"],
+                            env={**os.environ, variable: value}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"error: invalid settings: {expected}"), line
+    assert "CONSTRAINED" not in line and "CONVSERVE_:" not in line
+
+
+def test_a_state_store_written_by_a_newer_convserve_stops_the_start(tmp_path):
+    from service.state.store import SCHEMA_VERSION, StateStore, schema_table
+
+    url = f"sqlite:///{tmp_path}/state.sqlite"
+    store = StateStore(url)
+    store.open()
+    with store.engine.begin() as conn:
+        conn.execute(schema_table.update().values(version=SCHEMA_VERSION + 1))
+    result = subprocess.run([sys.executable, "-m", "service", "--models-dir", str(tmp_path), "--port", "0"],
+                            env={**os.environ, "CONVSERVE_STATE_URL": url}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: CONVSERVE_STATE_URL: the state store") and "newer convserve" in line
