@@ -29,6 +29,7 @@ import yaml
 
 from tests.deploy.test_deploy_static import compose
 from tests.deploy.test_graceful_shutdown import BOUNDARY, slow_multipart
+from tests.support.missing import missing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_DATA = REPO_ROOT / "tests" / "data"
@@ -39,10 +40,6 @@ APP_UID = 10001
 
 # Builds pip-install TensorFlow and ONNX Runtime from the package index: minutes, not the default 600 s.
 pytestmark = pytest.mark.timeout(2400)
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 def could_install_system_packages() -> bool:
@@ -56,11 +53,8 @@ def could_install_system_packages() -> bool:
 
 
 def skip_or_fail(reason: str) -> None:
-    """Skip, but fail in CI where `make system-deps` could have provided what is missing (unless told not to
-    touch the machine: SKIP_SYSTEM_DEPS=1)."""
-    if in_ci() and os.environ.get("SKIP_SYSTEM_DEPS") != "1" and could_install_system_packages():
-        pytest.fail(f"{reason} (CI: make system-deps installs podman, runc and debootstrap)")
-    pytest.skip(reason)
+    """The suite's one rule (tests/support/missing.py): skip on a developer's machine, fail under CI."""
+    missing(reason)
 
 
 def ulimit(kind: int, wanted: int) -> int:
@@ -357,7 +351,7 @@ def test_compose_flow_train_publishes_and_the_running_api_follows(engine, serve_
     nothing, and the api keeps serving the old version: exactly one of the two."""
     data = datasets_dir()
     api, train = compose_services["api"], compose_services["train"]
-    volumes = {v: names(f"volume-{v}") for v in ("models", "runs", "keras-datasets")}
+    volumes = {v: names(f"volume-{v}") for v in ("models", "state", "runs", "keras-datasets")}
     api_name = names("compose-api")
     env = [f"--env={key}={value}" for key, value in api["environment"].items()]
     poll = float(api["environment"]["CONVSERVE_REPOSITORY_POLL_SECONDS"])

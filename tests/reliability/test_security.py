@@ -288,10 +288,17 @@ def test_errors_are_json_not_sniffable_html(http, server, assert_still_serving):
     assert_still_serving(server)
 
 
-def test_the_service_is_one_process_without_a_worker_pool(server, assert_still_serving):
-    children = [Path(f"/proc/{server.pid}/task/{task}/children").read_text().split()
-                for task in os.listdir(f"/proc/{server.pid}/task")]
-    assert [c for task in children for c in task] == []
+def test_the_service_starts_only_its_workers(server, assert_still_serving):
+    """On the defaults: a supervisor and one worker per usable CPU (and multiprocessing's resource tracker);
+    nothing a request could make it start."""
+    from service.settings import available_cpus
+
+    children = [c for task in os.listdir(f"/proc/{server.pid}/task")
+                for c in Path(f"/proc/{server.pid}/task/{task}/children").read_text().split()]
+    commands = [Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode() for c in children]
+    workers = [c for c in commands if "spawn_main" in c]
+    assert len(workers) == available_cpus(), commands
+    assert all("spawn_main" in c or "resource_tracker" in c for c in commands), commands
     assert_still_serving(server)
 
 

@@ -33,10 +33,10 @@ class ServiceProcess:
     """A service process, its output in a log file, started and then waited for until ``wait_for`` answers 200.
 
     ``log`` is a directory (the log is ``convserve-<port>.log`` in it; the temporary directory by default) or a
-    file path. ``env`` overrides the environment (after ``CONVSERVE_INFERENCE_THREADS=1`` and
-    ``CONVSERVE_QUEUE_TARGET_MS=0``: admission by queueing time has its own tests, and on a busy test
-    machine it would refuse requests the other tests count on; ``CONVSERVE_WORKERS=1``: one process
-    unless a test asks for more). ``argv`` replaces :func:`default_argv`; give the ``port`` it listens on with it.
+    file path. The server runs on the shipped defaults (workers ``auto``, batches where ``auto`` puts them,
+    the admission gate on), as a user gets it; ``env`` adds what a test needs otherwise, and says so. Each
+    process gets a SQLite state store of its own unless ``env`` names one. ``argv`` replaces
+    :func:`default_argv`; give the ``port`` it listens on with it.
     """
 
     def __init__(self, models_dir: Path, log: Path | None = None, env: dict[str, str] | None = None,
@@ -52,8 +52,7 @@ class ServiceProcess:
         # A state store of its own (the default kind, a SQLite file), unless the test shares one on purpose.
         env = {"CONVSERVE_STATE_URL": f"sqlite:///{self.log_path.with_suffix('.sqlite')}", **(env or {})}
         self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "CONVSERVE_INFERENCE_THREADS": "1",
-                                             "CONVSERVE_QUEUE_TARGET_MS": "0", "CONVSERVE_WORKERS": "1", **(env or {})})
+                                        env={**os.environ, **env})
         try:
             self.wait_until(wait_for, timeout)
         except BaseException:
