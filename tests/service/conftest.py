@@ -116,8 +116,8 @@ def server_factory() -> Iterator:
     """Start real servers on any models dir, with extra environment; all are stopped at the end."""
     started: list[ServiceProcess] = []
 
-    def factory(models_dir: Path, **env: str) -> ServiceProcess:
-        running = ServiceProcess(models_dir, env=env)
+    def factory(models_dir: Path, wait_for: str = "/v2/health/ready", **env: str) -> ServiceProcess:
+        running = ServiceProcess(models_dir, env=env, wait_for=wait_for)
         started.append(running)
         return running
 
