@@ -164,6 +164,10 @@ class VersionMetrics:
         self._outcomes = LabelChildren(metrics.inference_requests, model, version)
         self._outcomes["success",]  # present from the start, at 0
         self._rejections = LabelChildren(metrics.rejected, model, version)
+        # Present from the start, at 0: a dashboard or an absent() alert sees "0 refused", not "no data".
+        for reason in ("queue_full", "queue_delay", "deadline"):
+            self._rejections[reason,]
+        metrics.load_failures.labels(model, version)
         self._classes = LabelChildren(metrics.predicted_class, model, version)
         for outcome in ("correct", "incorrect"):  # present from the start, at 0
             metrics.feedback.labels(model, version, outcome)

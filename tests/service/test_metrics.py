@@ -83,3 +83,13 @@ def test_label_children_are_resolved_once_and_keep_the_prefix():
     assert children["timeout",] is counter.labels("digits", "2", "timeout")
     assert registry.get_sample_value("c_total", {"model": "digits", "version": "2", "outcome": "timeout"}) == 3
     assert len(children) == 1
+
+
+def test_refusal_failure_and_feedback_series_start_at_zero(client):
+    """A dashboard or an absent() alert must see 0, not "no data", before the first event."""
+    text = client.get("/metrics").text
+    for reason in ("queue_full", "queue_delay", "deadline"):
+        assert f'convserve_rejected_requests_total{{model="digits",reason="{reason}",version="2"}} 0.0' in text
+    assert 'convserve_model_load_failures_total{model="digits",version="2"} 0.0' in text
+    assert 'convserve_feedback_total{model="digits",outcome="incorrect",version="2"} 0.0' in text
+    assert 'convserve_prediction_log_dropped_total{reason="store_error"} 0.0' in text
