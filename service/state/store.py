@@ -362,14 +362,6 @@ class StateStore:
             out.extend(conn.execute(query.where(sa.tuple_(columns.request_id, columns.idx).in_(chunk))).all())
         return out
 
-    def missing(self, model: str, keys: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-        """Which of these prediction ids the store does not have (yet)."""
-        p = predictions.c
-        with self.engine.connect() as conn:
-            found = self._select_keyed(conn, sa.select(p.request_id, p.idx).where(p.model == model), p, keys)
-        have = {(r.request_id, r.idx) for r in found}
-        return [k for k in keys if k not in have]
-
     # Queries ------------------------------------------------------------------------------------
 
     def version_counts(self, model: str, since: float | None = None,
