@@ -32,7 +32,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
 from service.repository import ModelRepository
-from service.rest import docs, explain, feedback, images, tfserving, v2, web
+from service.rest import docs, explain, feedback, images, rollout, tfserving, v2, web
 from service.rest import repository as repository_api
 from service.rest.admission import AdmissionGate
 from service.settings import Settings
@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
         if state is not None:
             await state.open()  # a store that cannot be used stops the start, with the reason
         await cluster.join()
+        await dataplane.rollouts.load()  # the stable and candidate versions the store names load first
         await repository.refresh()
         app.state.ready = True
         if freeze_startup:
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
         cluster.start(lambda: app.state.ready and repository.ready())
         poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
         gauges = asyncio.create_task(_refresh_quality(dataplane, settings.quality_refresh_seconds))
+        rollouts = asyncio.create_task(dataplane.rollouts.run())
         grpc_server = await grpc_api.start_server(
             dataplane, metrics, settings, ready=lambda: app.state.ready and dataplane.ready() and cluster.ready(),
             cluster=cluster)
@@ -123,6 +125,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
             await cluster.leave()
             poller.cancel()
             gauges.cancel()
+            rollouts.cancel()
             await repository.close()
             dataplane.close()
             if state is not None:
@@ -152,6 +155,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
     app.include_router(v2.router)
     app.include_router(tfserving.router)
     app.include_router(feedback.router)
+    app.include_router(rollout.router)
     app.include_router(repository_api.router)
     app.include_router(web.router)
     app.include_router(docs.router)

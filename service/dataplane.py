@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from service.limits import finite_outputs
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
 from service.repository import Model, ModelRepository, ModelVersion, VersionStatus
+from service.rollout import Rollouts
 from service.settings import Settings
 from service.state import State
 
@@ -107,6 +109,7 @@ class DataPlane:
                                         settings.max_request_pixels)
         self.decoder = DecodePool(settings.decode_threads, self.image_limits, settings.inline_decode_pixels,
                                   settings.request_timeout_seconds)
+        self.rollouts = Rollouts(settings, repository, metrics, state, self.decoder)
 
     def close(self) -> None:
         self.decoder.close()
@@ -188,9 +191,12 @@ class DataPlane:
 
     # Inference ---------------------------------------------------------------------------------
 
-    def check_admission(self, name: str, version: str | None = None) -> ModelVersion:
-        """The version a request names, if it takes the request now: 404 if unknown, 503 if not ready or
-        overloaded (a refusal is counted here)."""
+    def check_admission(self, name: str, version: str | None = None, key: str | None = None) -> ModelVersion:
+        """The version a request names (unversioned: stable, or a canary's candidate, by the rollout ``key`` when
+        the client sent one), if it takes the request now: 404 if unknown, 503 if not ready or overloaded (a
+        refusal is counted here)."""
+        if version is None and self.rollouts.active:
+            version = self.rollouts.route(name, key)
         mv = self.version(name, version)
         try:
             mv.batcher.check_capacity()
@@ -200,10 +206,10 @@ class DataPlane:
             raise
         return mv
 
-    def admitted(self, name: str, version: str | None = None) -> Admission:
+    def admitted(self, name: str, version: str | None = None, key: str | None = None) -> Admission:
         """Look the version up and admit a request to it before its body is read (404, 503 otherwise);
         ``async with`` it. The version stays loaded until the block ends, even if it is unloaded meanwhile."""
-        return Admission(self.check_admission(name, version).hold())
+        return Admission(self.check_admission(name, version, key).hold())
 
     def check_rows(self, mv: ModelVersion, rows: np.ndarray) -> np.ndarray:
         """Validate a tensor against the model input: [N, H, W, C] float32, finite, within limits."""
@@ -230,14 +236,20 @@ class DataPlane:
         """Run validated rows [N, H, W, C] through a version's batching queue, with metrics; with a
         ``request_id``, the answer is logged under it (the prediction log)."""
         kept = rows if request_id is not None and self._keep_inputs() else None
-        return await self._run(mv, len(rows), mv.predict(rows, gone), request_id, kept)
+        target = self.rollouts.mirror_target(mv) if self.rollouts.active else None
+        mirror = (target, rows, None) if target is not None else None
+        return await self._run(mv, len(rows), mv.predict(rows, gone), request_id, kept, mirror)
 
     def _keep_inputs(self) -> bool:
         return self.prediction_log is not None and self.prediction_log.keep()
 
     async def _run(self, mv: ModelVersion, n: int, outputs_of: Awaitable[Outputs], request_id: str | None = None,
-                   rows: np.ndarray | list[np.ndarray] | None = None) -> Prediction:
+                   rows: np.ndarray | list[np.ndarray] | None = None,
+                   mirror: tuple[ModelVersion, Any, list[bytes] | None] | None = None) -> Prediction:
         m = mv.metrics
+        rollouts = self.rollouts
+        in_rollout = bool(rollouts.active) and rollouts.arm(mv) is not None
+        started = time.perf_counter()
         m.inflight.inc()
         try:
             outputs = finite_outputs(await outputs_of, f"{mv.name}:{mv.version}")
@@ -246,6 +258,8 @@ class DataPlane:
             if reason is not None:
                 m.rejected(reason)
             m.outcome(outcome)
+            if in_rollout and outcome in ("error", "timeout"):
+                rollouts.answered(mv, time.perf_counter() - started, True)
             raise
         finally:
             m.inflight.dec()
@@ -257,10 +271,20 @@ class DataPlane:
         classes, scores = winners.tolist(), probabilities[np.arange(len(winners)), winners].tolist()
         for class_id, confidence in zip(classes, scores):
             m.predicted(mv.label(class_id), confidence)
+        arm = None
+        if in_rollout:
+            rollouts.answered(mv, time.perf_counter() - started, False)
+            arm = rollouts.arm(mv)
+            if mirror is not None:
+                target, copy, images = mirror
+                if isinstance(copy, list):  # the rows an image request's decoding made
+                    copy = copy[0] if copy else None
+                if copy is not None or images is not None:
+                    rollouts.mirror(mv, target, classes, copy, images)
         if request_id is not None and self.prediction_log is not None:
             if isinstance(rows, list):  # the rows an image request's decoding made, when they were kept
                 rows = rows[0] if rows else None
-            self.prediction_log.record(mv.name, mv.version_label, request_id, classes, scores, rows)
+            self.prediction_log.record(mv.name, mv.version_label, request_id, classes, scores, rows, arm)
         return prediction
 
     async def infer_images(self, mv: ModelVersion, images: list[bytes], gone: Gone | None = None,
@@ -272,9 +296,17 @@ class DataPlane:
             raise InvalidInput(f"{len(images)} images exceed the limit of "
                                f"{self.settings.max_images_per_request} per request")
         metrics = mv.metrics
-        kept: list[np.ndarray] | None = [] if request_id is not None and self._keep_inputs() else None
+        keep = request_id is not None and self._keep_inputs()
+        target = self.rollouts.mirror_target(mv) if self.rollouts.active else None
+        # A copy to a version that preprocesses as this one does takes the rows made for this one; another
+        # decodes the images itself.
+        share_rows = target is not None and target.image_spec == mv.image_spec
+        made: list[np.ndarray] | None = [] if keep or share_rows else None
+        mirror = None
+        if target is not None:
+            mirror = (target, made, None) if share_rows else (target, None, images)
         outputs = self.decoder.outputs(images, mv.image_spec, metrics.preprocess_latency.observe,
                                        lambda rows: mv.predict(rows, gone),
                                        lambda n, prepare: mv.predict_prepared(n, prepare, gone), gone,
-                                       kept.append if kept is not None else None)
-        return await self._run(mv, len(images), outputs, request_id, kept)
+                                       made.append if made is not None else None)
+        return await self._run(mv, len(images), outputs, request_id, made if keep else None, mirror)

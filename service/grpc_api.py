@@ -185,7 +185,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # The prediction id: the request's own id when it has a usable one, else a new one (the response's id).
         request_id = request.id if REQUEST_ID_RE.match(request.id) else new_request_id()
         try:
-            async with dataplane.admitted(request.model_name, request.model_version or None) as mv:
+            key = _rollout_key(context)
+            async with dataplane.admitted(request.model_name, request.model_version or None, key) as mv:
                 if len(request.inputs) != 1:
                     raise InvalidInput(f"inference request needs exactly one input, {mv.input.name!r}")
                 spec = request.inputs[0]
@@ -309,6 +310,14 @@ def _requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[
                 raise InvalidInput("classification must be a non-negative integer")
         result.append((out.name, k))
     return result
+
+
+def _rollout_key(context: Any) -> str | None:
+    """The ``x-rollout-key`` metadata: the same key always lands on the same arm of a canary."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-rollout-key" and isinstance(value, str):
+            return value[:256]
+    return None
 
 
 def _infer_response(result: Prediction, requested: list[tuple[str, int]], request_id: str) -> pb.ModelInferResponse:

@@ -101,6 +101,16 @@ class Metrics:
                                "classes against the version's test set (above 0.25: a significant shift)",
                                labels, registry=r, multiprocess_mode="livemostrecent")
 
+        # Rollouts (service/rollout.py).
+        self.rollout_state = Gauge("convserve_rollout_state", "A model's rollout: 0 none running, 1 shadow, 2 canary",
+                                   ["model"], registry=r, multiprocess_mode="livemostrecent")
+        self.rollout_agreement = Gauge("convserve_rollout_agreement", "Share of compared rows on which a candidate "
+                                       "gives stable's top-1 class, in the current phase", labels, registry=r,
+                                       multiprocess_mode="livemostrecent")
+        self.rollout_decisions = Counter("convserve_rollout_decisions_total", "Rollout decisions by decision "
+                                         "(promoted, rolled_back, aborted) and reason", ["model", "decision", "reason"],
+                                         registry=r)
+
     def for_version(self, model: str, version: int) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
 

@@ -13,6 +13,8 @@ What the service takes from it, and how it combines with the ``CONVSERVE_*`` set
   override ``CONVSERVE_MAX_QUEUE_DELAY_US`` and ``CONVSERVE_VERSION_POLICY`` for that model;
   those settings apply where the file is silent, and their defaults where they are unset.
 - ``output[].label_filename`` marks the class-probabilities output of a multi-output model.
+- ``parameters { key: "rollout" value { string_value: "canary" } }`` overrides ``CONVSERVE_ROLLOUT`` for the
+  model (:mod:`service.rollout`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from google.protobuf import text_format
 
 from service.batching import BatchingConfig
 from service.protos.model_config_pb2 import ModelConfig
-from service.settings import Settings
+from service.settings import ROLLOUT_MODES, Settings
 
 CONFIG_FILE = "config.pbtxt"
 
@@ -43,9 +45,15 @@ def read_model_config(model_dir: Path) -> ModelConfig | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{CONFIG_FILE} cannot be read ({exc.__class__.__name__})") from None
     try:
-        return text_format.Parse(text, ModelConfig())
+        config = text_format.Parse(text, ModelConfig())
     except text_format.ParseError as exc:
         raise ConfigError(f"{CONFIG_FILE} is malformed: {exc}") from None
+    if "rollout" in config.parameters:
+        mode = config.parameters["rollout"].string_value.strip().lower()
+        if mode not in ROLLOUT_MODES:
+            raise ConfigError(f"{CONFIG_FILE}: parameter rollout must be one of {', '.join(ROLLOUT_MODES)}, "
+                              f"got {config.parameters['rollout'].string_value[:32]!r}")
+    return config
 
 
 def config_version_policy(config: ModelConfig | None) -> str | None:

@@ -40,6 +40,8 @@ log = logging.getLogger("service.repository")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 ABSOLUTE_PATH_RE = re.compile(r"(?<![\w.:/-])/[\w.+-]+(?:/[\w.+-]*)*")
+VERSION_LABELS = ("stable", "canary")
+"""Names of versions by role (TF Serving's version labels): the one serving, and a rollout's candidate."""
 READY, LOADING, UNAVAILABLE, FAILED = "READY", "LOADING", "UNAVAILABLE", "FAILED"
 WARMUP_BATCHES = (1, 8, 1)
 
@@ -293,7 +295,13 @@ class Model:
     loaded: dict[int, ModelVersion] = field(default_factory=dict)
     failed: dict[int, VersionStatus] = field(default_factory=dict)
     serving: ModelVersion | None = None
-    """The newest ready version: what unversioned routes use. Recomputed on every change."""
+    """What unversioned routes use: the rollout's stable version when it is ready, else the newest ready one
+    (neither blocked nor a candidate). Recomputed on every change."""
+    stable: int | None = None
+    candidate: int | None = None
+    blocked: frozenset[int] = frozenset()
+    """The rollout's pins (service/rollout.py): stable and candidate stay loaded whatever the version policy
+    says; blocked versions (rolled back) are not loaded."""
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.loaded.items()) if v.ready]
@@ -309,7 +317,16 @@ class Model:
 
     def update_serving(self) -> None:
         ready = self.ready_versions()
-        self.serving = ready[-1] if ready else None
+        pinned = self.loaded.get(self.stable) if self.stable is not None else None
+        if pinned is not None and pinned.ready:
+            self.serving = pinned
+            return
+        usable = [mv for mv in ready if mv.version not in self.blocked]
+        settled = [mv for mv in usable if mv.version != self.candidate]
+        self.serving = (settled or usable or [None])[-1]
+
+    def pinned(self) -> set[int]:
+        return {v for v in (self.stable, self.candidate) if v is not None}
 
 
 def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
@@ -333,6 +350,7 @@ class ModelRepository:
         self._models: dict[str, Model] = {}
         self._failed: dict[tuple[str, int], tuple[tuple[str, int, int], ...]] = {}
         self._unloaded: set[str] = set()  # unloaded through the API: the poller leaves them alone
+        self._pins: dict[str, tuple[int | None, int | None, frozenset[int]]] = {}
         self._lock = asyncio.Lock()  # one refresh or unload at a time
 
     # Discovery ---------------------------------------------------------------------------------
@@ -365,8 +383,21 @@ class ModelRepository:
             for name in [n for n in self._models if n not in on_disk and (only is None or n == only)]:
                 await self._drop(name)
 
+    def pin(self, name: str, stable: int | None, candidate: int | None, blocked: set[int]) -> bool:
+        """Set a model's rollout pins; True when what should be loaded changed (a refresh applies it)."""
+        pins = (stable, candidate, frozenset(blocked))
+        if self._pins.get(name, (None, None, frozenset())) == pins:
+            return False
+        self._pins[name] = pins
+        model = self._models.get(name)
+        if model is not None:
+            model.stable, model.candidate, model.blocked = pins
+            model.update_serving()
+        return True
+
     async def _sync_model(self, name: str, versions: list[int]) -> None:
         model = self._models.setdefault(name, Model(name))
+        model.stable, model.candidate, model.blocked = self._pins.get(name, (None, None, frozenset()))
         try:
             config = await asyncio.to_thread(read_model_config, self.root / name)
         except ConfigError as exc:
@@ -380,7 +411,9 @@ class ModelRepository:
             return
         model.error = None
         model.config, model.settings = config, model_settings(config, self.settings)
-        wanted = select_versions(versions, model.settings.version_policy)
+        pinned = model.pinned() & set(versions)
+        wanted = sorted(set(select_versions([v for v in versions if v not in model.blocked],
+                                            model.settings.version_policy)) | pinned)
         for version in wanted:
             if version in model.loaded:
                 continue
@@ -413,7 +446,8 @@ class ModelRepository:
         if missing > 0:
             # A selected version failed (corrupt, half-written): the newest ready ones that are still on disk
             # keep serving in its place until it is fixed, so a bad publish never takes a model down.
-            fallback = sorted((v for v, mv in model.loaded.items() if v not in keep and mv.ready and v in versions),
+            fallback = sorted((v for v, mv in model.loaded.items()
+                               if v not in keep and mv.ready and v in versions and v not in model.blocked),
                               reverse=True)
             keep.update(fallback[:missing])
         for version in [v for v in model.failed if v not in keep]:
@@ -493,8 +527,16 @@ class ModelRepository:
                 raise ModelNotReady(f"model {name!r} has no ready version")
             return model.serving
         text = str(version)
+        if text in VERSION_LABELS:
+            pinned = model.serving if text == "stable" else (
+                model.loaded.get(model.candidate) if model.candidate is not None else None)
+            if pinned is None:
+                raise ModelNotFound(f"model {name!r} has no {text} version"
+                                    + (" (no rollout is running)" if text == "canary" else ""))
+            text = str(pinned.version)
         if not valid_version(text):
-            raise ModelNotFound(f"model {name!r} has no version {text!r} (versions are positive integers)")
+            raise ModelNotFound(f"model {name!r} has no version {text!r} (versions are positive integers, "
+                                "or the labels stable and canary)")
         mv = model.loaded.get(int(text))
         if mv is None:
             status = model.failed.get(int(text))

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The forms of a version policy, as Triton's config.pbtxt has them: the newest N, every one, or a list.
+ROLLOUT_MODES = ("shadow", "canary", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 VERSION_POLICY_RE = re.compile(r"latest:[1-9][0-9]*|all|specific:[0-9]+(,[0-9]+)*")
 
@@ -127,6 +128,34 @@ class Settings(BaseSettings):
     """Most labels one feedback request may carry (413 above)."""
     quality_refresh_seconds: float = Field(30.0, ge=0)
     """How often each worker recomputes the live-quality gauges (accuracy, drift) from the store; 0: never."""
+
+    rollout: Literal["shadow", "canary", "off"] = "shadow"
+    """What a newly published version of a served model goes through before it serves (a model's config.pbtxt
+    parameter ``rollout`` overrides it): shadow (it answers copies of requests, then canary, then it serves),
+    canary (it answers a share of requests, then it serves), or off (it serves at once). Needs the state store."""
+    rollout_shadow_fraction: float = Field(0.25, ge=0, le=1)
+    """Share of stable's answers copied to the candidate in shadow (and of the candidate's copied to stable in
+    canary), off the client's path, to compare their answers."""
+    rollout_traffic: float = Field(0.1, ge=0, le=1)
+    """Share of unversioned requests a canary answers (a client's X-Rollout-Key keeps it on one arm)."""
+    rollout_after_shadow: Literal["canary", "promote"] = "canary"
+    """What a shadow whose guards held moves to: a canary, or straight to promotion."""
+    rollout_min_requests: int = Field(300, ge=1)
+    """Candidate answers (shadow copies, or canary answers) a phase needs before it can pass."""
+    rollout_max_seconds: float = Field(86_400.0, gt=0)
+    """A phase still undecided after this long is rolled back."""
+    rollout_min_agreement: float = Field(0.9, ge=0, le=1)
+    """Least share of compared rows on which the candidate gives stable's top-1 class."""
+    rollout_max_error_increase: float = Field(0.01, ge=0, le=1)
+    """Most the candidate's error rate may exceed stable's."""
+    rollout_max_latency_ratio: float = Field(2.0, gt=0)
+    """Most the candidate's p99 latency may be, as a multiple of stable's (stable's floored at 2 ms)."""
+    rollout_max_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    """Most the candidate's live accuracy (on feedback labels) may fall below stable's."""
+    rollout_min_labels: int = Field(30, ge=1)
+    """Labelled predictions each arm needs before the accuracy guard counts."""
+    rollout_sync_seconds: float = Field(1.0, gt=0)
+    """How often each worker reads the rollouts from the store, writes its counts, and decides."""
 
     access_log: bool = True
     """Write one JSON log line per request."""

@@ -51,3 +51,19 @@ def disconnect_probe(request: Request) -> Callable[[], bool] | None:
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+ROLLOUT_KEY = b"x-rollout-key"
+
+
+def rollout_key(request: Request) -> str | None:
+    """The client's ``X-Rollout-Key``: the same key always lands on the same arm of a canary."""
+    for name, value in request.scope["headers"]:
+        if name == ROLLOUT_KEY:
+            return value[:256].decode("latin-1")
+    return None
+
+
+def version_header(version: int) -> dict[str, str]:
+    """``X-Model-Version``: the version that answered, on every prediction."""
+    return {"X-Model-Version": str(version)}

@@ -13,7 +13,7 @@ from service.dataplane import DataPlane, top_k
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.parsing import positive_int
 from service.responses import json_response
-from service.rest.body import disconnect_probe, media_type, parse_json, read_body
+from service.rest.body import disconnect_probe, media_type, parse_json, read_body, rollout_key, version_header
 from service.rest.multipart import parse_multipart
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, ModelsResponse, PredictResponse
@@ -87,11 +87,11 @@ async def images_and_top_k(request: Request, settings: Settings) -> tuple[list[b
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
-    async with dataplane.admitted(name, version) as mv:  # 404, 503 before reading a large body
+    async with dataplane.admitted(name, version, rollout_key(request)) as mv:  # 404, 503 before reading a body
         images, k = await images_and_top_k(request, settings)
         result = await dataplane.infer_images(mv, images, disconnect_probe(request), request.scope.get("request_id"))
     return json_response({"model": mv.name, "version": mv.version,
-                          "predictions": top_k(mv, result.probabilities, k)})
+                          "predictions": top_k(mv, result.probabilities, k)}, headers=version_header(mv.version))
 
 
 @router.post("/models/{name}/predict", response_model=None, responses={200: {"model": PredictResponse}, **ERRORS},

@@ -15,12 +15,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.dataplane import DataPlane, Prediction
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ModelNotFound
 from service.limits import check_rows, off_loop
 from service.parsing import strict_array
-from service.repository import FAILED, READY, VersionStatus
+from service.repository import FAILED, READY, VERSION_LABELS, VersionStatus
 from service.responses import json_response
-from service.rest.body import disconnect_probe, parse_json, read_body
+from service.rest.body import disconnect_probe, parse_json, read_body, rollout_key, version_header
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, TFModelStatus, TFPredictRequest, TFPredictResponse
 
@@ -41,9 +41,22 @@ def _version_status(status: VersionStatus) -> dict[str, Any]:
             "status": {"error_code": "UNKNOWN" if status.error else "OK", "error_message": status.error or ""}}
 
 
+def _label(label: str) -> str:
+    if label not in VERSION_LABELS:
+        raise ModelNotFound(f"unknown version label {label[:32]!r}; the labels are {', '.join(VERSION_LABELS)}")
+    return label
+
+
 def _status(request: Request, name: str, version: str | None) -> Response:
-    statuses = request.app.state.dataplane.version_statuses(name, version)
-    return json_response({"model_version_status": [_version_status(s) for s in statuses]})
+    dataplane: DataPlane = request.app.state.dataplane
+    statuses = dataplane.version_statuses(name, version)
+    body: dict[str, Any] = {"model_version_status": [_version_status(s) for s in statuses]}
+    if version is None:  # the labels (TF Serving's version_labels): the version serving, and a rollout's candidate
+        model = dataplane.model(name)
+        labels = {"stable": model.serving.version if model.serving else None,
+                  "canary": model.candidate if model.candidate in model.loaded else None}
+        body["version_labels"] = {k: str(v) for k, v in labels.items() if v is not None}
+    return json_response(body)
 
 
 def _tensor_info(spec: Any, tensor_name: str) -> dict[str, Any]:
@@ -86,7 +99,7 @@ def _tensor(values: Any, where: str) -> np.ndarray:
 
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
-    async with dataplane.admitted(name, version) as mv:
+    async with dataplane.admitted(name, version, rollout_key(request)) as mv:
         gone = disconnect_probe(request)
         request_id = request.scope.get("request_id")
         body = await read_body(request, dataplane.settings.max_body_bytes)
@@ -120,7 +133,7 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
             tensor = await off_loop(len(body), _tensor, values, "instances" if row_format else "inputs")
             result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), gone, request_id)
     key = "predictions" if row_format else "outputs"
-    return json_response({key: result.probabilities})
+    return json_response({key: result.probabilities}, headers=version_header(mv.version))
 
 
 @router.get("/v1/models/{name}", response_model=None, responses={200: {"model": TFModelStatus}, **ERRORS},
@@ -156,6 +169,20 @@ async def predict(request: Request, name: str) -> Response:
              responses={200: {"model": TFPredictResponse}, **ERRORS}, summary="Predict (one version)")
 async def predict_version(request: Request, name: str, version: str) -> Response:
     return await _predict(request, name, version)
+
+
+@router.post("/v1/models/{name}/labels/{label}:predict", response_model=None, openapi_extra=PREDICT_DOCS,
+             responses={200: {"model": TFPredictResponse}, **ERRORS},
+             summary="Predict with the version a label names (stable, or canary: a rollout's candidate)")
+async def predict_label(request: Request, name: str, label: str) -> Response:
+    return await _predict(request, name, _label(label))
+
+
+@router.get("/v1/models/{name}/labels/{label}", response_model=None,
+            responses={200: {"model": TFModelStatus}, **ERRORS}, summary="Status of the version a label names")
+async def model_label_status(request: Request, name: str, label: str) -> Response:
+    mv = request.app.state.dataplane.version(name, _label(label))
+    return _status(request, name, str(mv.version))
 
 
 __all__ = ["router", "TFPredictRequest"]

@@ -21,7 +21,7 @@ from service.limits import check_declared_shape, check_response_bytes, off_loop
 from service.parsing import ascii_count, json_count, strict_array
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
-from service.rest.body import disconnect_probe, parse_json, read_body
+from service.rest.body import disconnect_probe, parse_json, read_body, rollout_key, version_header
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, ServerMetadata, V2InferRequest, V2InferResponse, V2ModelMetadata
 from service.v2_tensors import (
@@ -143,9 +143,9 @@ def _infer_response(mv: ModelVersion, outputs: Outputs, payload: dict[str, Any])
         response["id"] = payload["id"]
     header = dumps(response)
     if not blobs:
-        return Response(header, media_type="application/json")
+        return Response(header, media_type="application/json", headers=version_header(mv.version))
     return Response(b"".join([header, *blobs]), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(header))})
+                    headers={"Inference-Header-Content-Length": str(len(header)), **version_header(mv.version)})
 
 
 def _decode_request(header: str | None, body: bytes, mv: ModelVersion, max_rows: int) -> tuple[Any, np.ndarray]:
@@ -166,7 +166,7 @@ def _decode_request(header: str | None, body: bytes, mv: ModelVersion, max_rows:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
-    async with dataplane.admitted(name, version) as mv:
+    async with dataplane.admitted(name, version, rollout_key(request)) as mv:
         body = await read_body(request, settings.max_body_bytes)
         payload, tensor = await off_loop(len(body), _decode_request, request.headers.get(HEADER_LENGTH), body, mv,
                                          settings.max_request_rows)

@@ -74,6 +74,10 @@ class State:
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(function, *args))
 
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a store method on the state threads; an unusable store is a 503 (:class:`StateUnavailable`)."""
+        return await self._query(function, *args)
+
     async def _query(self, function: Callable[..., T], *args: Any) -> T:
         try:
             return await self._call(function, *args)

@@ -1,4 +1,4 @@
-"""The state store: the prediction log and feedback, in SQLAlchemy Core tables behind one small interface.
+"""The state store: the prediction log, feedback and rollouts, in SQLAlchemy Core tables behind one small interface.
 
 ``CONVSERVE_STATE_URL`` names it: ``sqlite:///PATH`` (the embedded default, one file) or
 ``postgresql://user:pass@host:port/db`` (psycopg 3; what several replicas share). No other module writes SQL.
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema this code reads and writes."""
 
 metadata = sa.MetaData()
@@ -64,10 +64,54 @@ feedback = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
 )
 
+# Rollouts (service/rollout.py), schema version 2. One row per model: the version that serves, the candidate being
+# rolled out, and a revision that every change increments: a change names the revision it was decided on, so of
+# two workers or replicas deciding at once, one changes the row and the other finds it changed (no lock needed).
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("stable", sa.Integer, nullable=True),
+    sa.Column("candidate", sa.Integer, nullable=True),
+    sa.Column("mode", sa.String(16), nullable=True),  # shadow or canary while a candidate runs
+    sa.Column("traffic", sa.Double, nullable=False, default=0.0),
+    sa.Column("phase", sa.String(32), nullable=True),  # the current phase's id: its counters' key
+    sa.Column("started_at", sa.Double, nullable=True),  # the phase's start (unix seconds)
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+rollout_history = sa.Table(
+    "rollout_history", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(128), nullable=False, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("decision", sa.String(16), nullable=False),  # started, advanced, promoted, rolled_back, aborted
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON: the guards' figures when it was decided
+    sa.Column("at", sa.Double, nullable=False),
+)
+
+rollout_counts = sa.Table(
+    "rollout_counts", metadata,
+    # Each process's running totals for one phase (JSON), replaced on every sync: the phase's totals are the sum.
+    sa.Column("phase", sa.String(32), primary_key=True),
+    sa.Column("process", sa.String(64), primary_key=True),
+    sa.Column("counts", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+ROLLOUT_TABLES = (rollouts, rollout_history, rollout_counts)
+BLOCKING_DECISIONS = ("rolled_back", "aborted")
+"""A version whose latest decision is one of these is not served again unless promoted by hand."""
+
 PREDICTION_COLUMNS = tuple(c.name for c in predictions.columns)
 """The order of a prediction row's values in :meth:`StateStore.write_rows`."""
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+def _add_rollout_tables(conn: Connection) -> None:
+    metadata.create_all(conn, tables=list(ROLLOUT_TABLES))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_rollout_tables}
 """``MIGRATIONS[v](connection)`` brings a store at schema version ``v`` to ``v + 1``."""
 
 
@@ -418,3 +462,74 @@ class StateStore:
             query = query.where(predictions.c.model == model)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
+
+    # Rollouts ------------------------------------------------------------------------------------
+
+    def rollout_state(self) -> tuple[dict[str, dict[str, Any]], dict[str, set[int]]]:
+        """Every model's rollout row, and per model the versions not to serve (latest decision: rolled back or
+        aborted), in one read."""
+        with self.engine.connect() as conn:
+            rows = {r.model: dict(r._mapping) for r in conn.execute(sa.select(rollouts))}
+            h = rollout_history.c
+            latest = (sa.select(h.model, h.version, sa.func.max(h.id).label("last"))
+                      .where(h.decision.in_(("promoted", *BLOCKING_DECISIONS))).group_by(h.model, h.version)
+                      .subquery())
+            blocked: dict[str, set[int]] = {}
+            for model, version, decision in conn.execute(
+                    sa.select(h.model, h.version, h.decision).join(latest, h.id == latest.c.last)):
+                if decision in BLOCKING_DECISIONS:
+                    blocked.setdefault(model, set()).add(version)
+        return rows, blocked
+
+    def create_rollout(self, model: str, stable: int, now: float | None = None) -> bool:
+        """The first row of a model (its first served version); False when another process wrote it first."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(rollouts.insert().values(model=model, revision=1, stable=stable, candidate=None,
+                                                      mode=None, traffic=0.0, phase=None, started_at=None,
+                                                      updated_at=time.time() if now is None else now))
+            return True
+        except IntegrityError:
+            return False
+
+    def change_rollout(self, model: str, revision: int, values: dict[str, Any],
+                       history: Sequence[dict[str, Any]] = (), now: float | None = None) -> bool:
+        """Change a model's row if it is still at ``revision``, recording ``history`` in the same transaction;
+        False (nothing written) when another process changed it first."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            changed = conn.execute(rollouts.update()
+                                   .where(rollouts.c.model == model, rollouts.c.revision == revision)
+                                   .values(**values, revision=revision + 1, updated_at=now)).rowcount
+            if changed != 1:
+                return False
+            if history:
+                conn.execute(rollout_history.insert(), [{"model": model, "at": now, **h} for h in history])
+            if "phase" in values:  # the counters of phases that ended are never read again
+                current = sa.select(rollouts.c.phase).where(rollouts.c.phase.is_not(None))
+                conn.execute(rollout_counts.delete().where(rollout_counts.c.phase.not_in(current)))
+        return True
+
+    def rollout_history(self, model: str, limit: int = 50) -> list[dict[str, Any]]:
+        """A model's rollout decisions, newest first."""
+        h = rollout_history.c
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                sa.select(h.version, h.decision, h.reason, h.evidence, h.at).where(h.model == model)
+                .order_by(h.id.desc()).limit(limit))]
+
+    def put_counts(self, phase: str, process: str, counts: str, now: float | None = None) -> None:
+        """Replace one process's running totals for a phase."""
+        now = time.time() if now is None else now
+        c = rollout_counts.c
+        with self.engine.begin() as conn:
+            if conn.execute(rollout_counts.update().where(c.phase == phase, c.process == process)
+                            .values(counts=counts, updated_at=now)).rowcount == 0:
+                conn.execute(rollout_counts.insert().values(phase=phase, process=process, counts=counts,
+                                                            updated_at=now))
+
+    def phase_counts(self, phase: str) -> list[str]:
+        """Every process's totals for a phase (JSON texts)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(rollout_counts.c.counts)
+                                     .where(rollout_counts.c.phase == phase)).scalars())
