@@ -202,3 +202,85 @@ def test_the_gauges_read_only_the_newest_predictions_but_every_label(store):
     (counts,) = store.version_counts("digits", recent=3)  # r7, r8, r9
     assert counts.predicted == {1: 2, 0: 1}
     assert counts.confusion == {(0, 0): 1}  # r0 is old, its label still counts
+
+
+# --- Rollouts (schema version 2) --------------------------------------------------------------------------
+
+def test_a_version_1_store_gets_the_rollout_tables_by_its_migration(url):
+    """A store written before rollouts existed (schema 1: predictions and feedback only) is migrated in place."""
+    from service.state.store import ROLLOUT_TABLES, feedback, metadata, predictions
+
+    engine = sa.create_engine(StateStore(url).engine.url)
+    metadata.create_all(engine, tables=[schema_table, predictions, feedback])
+    with engine.begin() as conn:
+        conn.execute(schema_table.insert().values(id=1, version=1))
+    engine.dispose()
+    s = StateStore(url)
+    assert s.open() == SCHEMA_VERSION == 2
+    tables = set(sa.inspect(s.engine).get_table_names())
+    assert {t.name for t in ROLLOUT_TABLES} <= tables
+    assert s.create_rollout("digits", 1)
+    s.close()
+
+
+def test_a_rollout_change_is_taken_once_at_the_revision_it_was_read(store):
+    assert store.create_rollout("digits", 1, now=10.0)
+    assert not store.create_rollout("digits", 2)  # the first row stays
+    rows, blocked = store.rollout_state()
+    row = rows["digits"]
+    assert (row["stable"], row["candidate"], row["revision"], blocked) == (1, None, 1, {})
+    start = {"candidate": 2, "mode": "shadow", "traffic": 0.0, "phase": "p1", "started_at": 11.0}
+    assert store.change_rollout("digits", 1, start)
+    assert not store.change_rollout("digits", 1, {"candidate": 3})  # a second decider read the same revision
+    row = store.rollout_state()[0]["digits"]
+    assert (row["candidate"], row["mode"], row["revision"], row["phase"]) == (2, "shadow", 2, "p1")
+
+
+def test_two_threads_deciding_at_once_take_one_decision(store):
+    store.create_rollout("digits", 1)
+    store.change_rollout("digits", 1, {"candidate": 2, "mode": "canary", "traffic": 0.1, "phase": "p",
+                                       "started_at": 1.0})
+    results: list[bool] = []
+    barrier = threading.Barrier(2)
+
+    def decide(decision: str) -> None:
+        barrier.wait()
+        results.append(store.change_rollout("digits", 2, {"candidate": None, "mode": None, "phase": None},
+                                            [{"version": 2, "decision": decision, "reason": "r", "evidence": "{}"}]))
+
+    threads = [threading.Thread(target=decide, args=(d,)) for d in ("promoted", "rolled_back")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, True]
+    assert len(store.rollout_history("digits")) == 1
+
+
+def test_the_latest_decision_on_a_version_says_whether_it_is_blocked(store):
+    store.create_rollout("digits", 1)
+
+    def decide(revision: int, version: int, decision: str) -> None:
+        assert store.change_rollout("digits", revision, {},
+                                    [{"version": version, "decision": decision, "reason": decision,
+                                      "evidence": "{}"}])
+
+    decide(1, 2, "rolled_back")
+    decide(2, 3, "aborted")
+    decide(3, 4, "promoted")
+    assert store.rollout_state()[1] == {"digits": {2, 3}}
+    decide(4, 2, "promoted")  # promoted by hand after its rollback: served again
+    assert store.rollout_state()[1] == {"digits": {3}}
+    assert [h["decision"] for h in store.rollout_history("digits")] == ["promoted", "promoted", "aborted",
+                                                                       "rolled_back"]
+
+
+def test_phase_counts_are_each_processs_latest_and_go_with_their_phase(store):
+    store.create_rollout("digits", 1)
+    store.change_rollout("digits", 1, {"candidate": 2, "phase": "p1"})
+    store.put_counts("p1", "a", '{"candidate": 1}')
+    store.put_counts("p1", "a", '{"candidate": 5}')  # replaced, not added
+    store.put_counts("p1", "b", '{"candidate": 2}')
+    assert sorted(store.phase_counts("p1")) == ['{"candidate": 2}', '{"candidate": 5}']
+    store.change_rollout("digits", 2, {"candidate": 2, "phase": "p2"})
+    assert store.phase_counts("p1") == []  # a new phase: the old one's counts are gone
