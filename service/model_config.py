@@ -14,7 +14,7 @@ What the service takes from it, and how it combines with the ``CONVSERVE_*`` set
   those settings apply where the file is silent, and their defaults where they are unset.
 - ``output[].label_filename`` marks the class-probabilities output of a multi-output model.
 - ``parameters { key: "rollout" value { string_value: "canary" } }`` overrides ``CONVSERVE_ROLLOUT`` for the
-  model (:mod:`service.rollout`).
+  model (:mod:`service.rollout`), and ``rollout_min_agreement`` its ``CONVSERVE_ROLLOUT_MIN_AGREEMENT``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def read_model_config(model_dir: Path) -> ModelConfig | None:
         if mode not in ROLLOUT_MODES:
             raise ConfigError(f"{CONFIG_FILE}: parameter rollout must be one of {', '.join(ROLLOUT_MODES)}, "
                               f"got {config.parameters['rollout'].string_value[:32]!r}")
+    if "rollout_min_agreement" in config.parameters:
+        text = config.parameters["rollout_min_agreement"].string_value
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{CONFIG_FILE}: parameter rollout_min_agreement must be a number from 0 to 1, "
+                              f"got {text[:32]!r}")
     return config
 
 

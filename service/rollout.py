@@ -39,6 +39,7 @@ a lenient comparison; in canary both arms answer clients the same way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -450,6 +451,14 @@ class Rollouts:
         counts.compared += len(classes)
         counts.agreed += sum(x == y for x, y in zip(classes, theirs))
 
+    def thresholds_of(self, model: Model) -> Thresholds:
+        """The guards' thresholds; a model's config.pbtxt parameter ``rollout_min_agreement`` sets its own."""
+        config = model.config
+        if config is not None and "rollout_min_agreement" in config.parameters:
+            value = float(config.parameters["rollout_min_agreement"].string_value)
+            return dataclasses.replace(self.thresholds, min_agreement=value)
+        return self.thresholds
+
     # Sync with the store ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -566,7 +575,7 @@ class Rollouts:
         for text in await self.state.call(store.phase_counts, a.phase):
             totals.add(PhaseCounts.from_json(text))
         accuracy = await self._accuracy(model.name, a)
-        verdict = evaluate(totals, accuracy, self.thresholds, now - a.started_at)
+        verdict = evaluate(totals, accuracy, self.thresholds_of(model), now - a.started_at)
         self.verdicts[model.name] = verdict
         if totals.compared:
             self.metrics.rollout_agreement.labels(model.name, str(a.candidate)).set(totals.agreed / totals.compared)
@@ -631,17 +640,20 @@ class Rollouts:
         rows, _ = await self.state_call("rollout_state")
         row = rows.get(name)
         history = await self.state_call("rollout_history", name)
-        a = self.active.get(name)
         guards: dict[str, Any] = {}
-        if a is not None and row is not None and row["candidate"] is not None:
+        if row is not None and row["candidate"] is not None and row["phase"] is not None:
+            # From the row, not this worker's routing: the answer is the same whichever worker gives it.
+            a = Active(name, row["stable"], row["candidate"], row["mode"], row["traffic"], row["phase"],
+                       row["started_at"])
             totals = PhaseCounts()
             for text in await self.state_call("phase_counts", a.phase):
                 totals.add(PhaseCounts.from_json(text))
-            verdict = evaluate(totals, await self._accuracy(name, a), self.thresholds, time.time() - a.started_at)
+            thresholds = self.thresholds_of(model)
+            verdict = evaluate(totals, await self._accuracy(name, a), thresholds, time.time() - a.started_at)
             guards = {**verdict.evidence(totals)["guards"], "candidate_answers": totals.candidate,
                       "stable_answers": totals.stable, "compared": totals.compared, "skipped": totals.skipped,
-                      "min_requests": self.thresholds.min_requests,
-                      "seconds": round(time.time() - a.started_at, 1), "max_seconds": self.thresholds.max_seconds}
+                      "min_requests": thresholds.min_requests,
+                      "seconds": round(time.time() - a.started_at, 1), "max_seconds": thresholds.max_seconds}
         candidate = row["candidate"] if row else None
         return {
             "model": name,

@@ -2,7 +2,8 @@
 // Every prediction goes to the image endpoint, POST /models/{name}/predict, as a multipart `file`;
 // once it is shown, the same file goes to POST /models/{name}/explain for what the model saw, and the user may send
 // its true label to POST /v2/models/{name}/feedback (the prediction named by its X-Request-Id). The live quality
-// section shows GET /v2/models/{name}/quality: accuracy, confusion matrix and drift per version.
+// section shows GET /v2/models/{name}/quality: accuracy, confusion matrix and drift per version; the rollouts
+// section, GET /v2/models/{name}/rollout of every model: what serves, the candidate, its guards, the last decision.
 "use strict";
 
 const TOP_K = 5;
@@ -497,6 +498,80 @@ async function refreshQuality() {
 
 $("quality-refresh").addEventListener("click", refreshQuality);
 
+// ---- rollouts ----------------------------------------------------------------
+
+const rolloutCard = $("rollout-card");
+const rolloutStatus = $("rollout-status");
+const rolloutTable = $("rollout-table");
+const rolloutRows = $("rollout-rows");
+const GUARD_MARKS = {holds: "✓", fails: "✗", pending: "…", no_data: "–"};
+let rolloutSequence = 0;
+
+function guardCell(guards) {
+  const cell = element("td");
+  const names = ["agreement", "errors", "latency", "accuracy"].filter((n) => guards && guards[n]);
+  if (names.length === 0) {
+    cell.textContent = "–";
+    return cell;
+  }
+  for (const name of names) {
+    const g = guards[name];
+    const value = g.value === null || g.value === undefined ? "" :
+      name === "agreement" ? ` ${(100 * g.value).toFixed(1)}%` : ` ${g.value}`;
+    const span = element("span", `guard guard-${g.status}`, `${GUARD_MARKS[g.status] || "?"} ${name}${value}`);
+    span.title = g.detail || g.status;
+    cell.append(span);
+  }
+  if (guards.candidate_answers !== undefined) {
+    cell.append(element("div", "muted", `${guards.candidate_answers} of ${guards.min_requests} candidate answers`));
+  }
+  return cell;
+}
+
+function rolloutRow(r) {
+  const row = element("tr");
+  row.append(element("th", "", r.model));
+  row.firstChild.scope = "row";
+  row.append(element("td", "", r.stable === null ? "–" : `version ${r.stable}`));
+  row.append(element("td", "", r.candidate === null ? (r.state === "off" ? "rollouts off" : "none") :
+    `version ${r.candidate}: ${r.state}${r.state === "canary" ? ` (${Math.round(100 * r.traffic)}% of traffic)` : ""}`));
+  row.append(guardCell(r.guards));
+  const last = (r.history || [])[0];
+  row.append(element("td", "", last ? `version ${last.version} ${last.decision.replace("_", " ")}: ${last.reason} ` +
+    `(${new Date(last.at * 1000).toLocaleString()})` : "–"));
+  return row;
+}
+
+async function refreshRollouts() {
+  const mine = ++rolloutSequence;
+  if (models.length === 0) {
+    rolloutStatus.textContent = "No model to show.";
+    rolloutTable.hidden = true;
+    return;
+  }
+  rolloutCard.setAttribute("aria-busy", "true");
+  try {
+    const answers = await Promise.all(models.map(async (m) => {
+      const response = await fetch(`/v2/models/${encodeURIComponent(m.name)}/rollout`);
+      const body = await readJson(response);
+      return response.ok && body ? body : {model: m.name, stable: null, candidate: null, state: "unknown",
+        guards: {}, history: [], error: reasonOf(response, body)};
+    }));
+    if (mine !== rolloutSequence) return;
+    rolloutRows.replaceChildren(...answers.map(rolloutRow));
+    rolloutTable.hidden = false;
+    const running = answers.filter((a) => a.candidate !== null).length;
+    rolloutStatus.textContent = `${plural(running, "rollout", "rollouts")} running ` +
+      `(as of ${new Date().toLocaleTimeString()}).`;
+  } catch (err) {
+    if (mine === rolloutSequence) rolloutStatus.textContent = `No rollouts: could not reach the service (${err.message}).`;
+  } finally {
+    if (mine === rolloutSequence) rolloutCard.setAttribute("aria-busy", "false");
+  }
+}
+
+$("rollout-refresh").addEventListener("click", refreshRollouts);
+
 // ---- models ---------------------------------------------------------------
 
 function describe(model) {
@@ -542,6 +617,7 @@ async function loadModels() {
   select.value = preferred.name;
   select.disabled = false;
   selectModel();
+  refreshRollouts();
 }
 
 select.addEventListener("change", selectModel);

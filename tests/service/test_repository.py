@@ -216,3 +216,14 @@ def test_metrics_are_fresh_per_app(tmp_path, make_version, app_client_factory):
     series = 'convserve_inference_requests_total{model="m",outcome="success",version="1"}'
     assert f"{series} 3.0" in busy.get("/metrics").text
     assert f"{series} 0.0" in idle.get("/metrics").text  # the other app counted nothing
+
+
+def test_a_models_rollout_parameters_are_read_and_checked(tmp_path):
+    config = _config(tmp_path, 'parameters { key: "rollout" value { string_value: "Canary" } }\n'
+                               'parameters { key: "rollout_min_agreement" value { string_value: "0.95" } }')
+    assert config.parameters["rollout"].string_value == "Canary"  # the mode is read case-blind
+    for bad, message in [('parameters { key: "rollout" value { string_value: "blue" } }', "shadow, canary, off"),
+                         ('parameters { key: "rollout_min_agreement" value { string_value: "high" } }', "0 to 1"),
+                         ('parameters { key: "rollout_min_agreement" value { string_value: "1.5" } }', "0 to 1")]:
+        with pytest.raises(ConfigError, match=message):
+            _config(tmp_path, bad)
