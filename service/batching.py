@@ -195,6 +195,11 @@ class Batcher:
 
     async def _enqueue(self, n: int, rows: np.ndarray | None, prepare: Prepare | None,
                        gone: Gone | None) -> Outputs:
+        return await self.enqueue(n, rows, prepare, gone)
+
+    def enqueue(self, n: int, rows: np.ndarray | None, prepare: Prepare | None = None,
+                gone: Gone | None = None) -> asyncio.Future[Outputs]:
+        """Queue a request and return the future of its outputs (for a caller that does not wait on it)."""
         if self._closed:
             raise ModelNotReady(f"model {self._name} is unloading")
         if self._queued_rows + n > self.config.max_queue_size and self._queued_rows:
@@ -208,7 +213,7 @@ class Batcher:
         self._queued_rows += n
         self._idle.clear()
         self._wakeup.set()
-        return await item.future
+        return item.future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

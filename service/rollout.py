@@ -411,45 +411,71 @@ class Rollouts:
         a = self.active.get(answered.name)
         if a is None:
             return
+        if rows is None:  # images the other version decodes its own way: a task of its own
+            a.mirrors += 1
+            task = asyncio.get_running_loop().create_task(self._mirror(a, target, classes, rows, images))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        # Rows ready: straight into the other version's queue, its answer compared by a callback (no task, no
+        # coroutine: a copy costs the request next to nothing beyond the inference itself).
+        hold = target.hold() if target.ready else None
+        if hold is None:
+            a.counts.skipped += 1
+            return
+        hold.__enter__()
+        try:
+            target.batcher.check_capacity()
+            future = target.batcher.enqueue(len(rows), rows)
+        except (ModelNotReady, Overloaded):
+            hold.__exit__(None, None, None)
+            a.counts.skipped += 1
+            return
         a.mirrors += 1
-        task = asyncio.get_running_loop().create_task(self._mirror(a, target, classes, rows, images))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        started = time.perf_counter()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            hold.__exit__(None, None, None)
+            a.mirrors -= 1
+            error = f.cancelled() or f.exception() is not None
+            self._compare(a, target, classes, None if error else f.result(), time.perf_counter() - started)
+
+        future.add_done_callback(done)
+
+    def _compare(self, a: Active, target: ModelVersion, classes: list[int], outputs: Any, seconds: float) -> None:
+        counts, is_candidate = a.counts, target.version == a.candidate
+        probabilities = outputs.get(target.output.name) if outputs is not None else None
+        if (probabilities is None or probabilities.shape[0] != len(classes)
+                or not np.isfinite(probabilities).all()):
+            if is_candidate:
+                counts.answered(True, 0.0, True)  # the candidate failed on a request stable answered
+            else:
+                counts.skipped += 1
+            return
+        if is_candidate:
+            counts.answered(True, seconds, False)
+        counts.compared += len(classes)
+        counts.agreed += sum(x == y for x, y in zip(classes, probabilities.argmax(axis=1).tolist()))
 
     async def _mirror(self, a: Active, target: ModelVersion, classes: list[int], rows: np.ndarray | None,
                       images: list[bytes] | None) -> None:
-        counts, is_candidate = a.counts, target.version == a.candidate
         started = time.perf_counter()
+        outputs = None
         try:
             with target.hold():
                 target.batcher.check_capacity()
-                if rows is not None:
-                    outputs = await target.predict(rows)
-                else:
-                    assert images is not None
-                    outputs = await self.decoder.outputs(images, target.image_spec, lambda _s: None,
-                                                         target.predict, target.predict_prepared)
-            probabilities = outputs[target.output.name]
-            if probabilities.shape[0] != len(classes) or not np.isfinite(probabilities).all():
-                raise ValueError("the copy's outputs do not match the request")
-            theirs = probabilities.argmax(axis=1).tolist()
+                assert images is not None
+                outputs = await self.decoder.outputs(images, target.image_spec, lambda _s: None,
+                                                     target.predict, target.predict_prepared)
         except (ModelNotReady, Overloaded):
-            counts.skipped += 1
+            a.counts.skipped += 1
             return
-        except Exception as exc:  # the candidate failed on a request stable answered: an error of the candidate
-            if is_candidate:
-                counts.answered(True, 0.0, True)
-            else:
-                counts.skipped += 1
+        except Exception as exc:  # counted as the copy's failure below
             log.debug("rollout copy failed", extra={"model": a.model, "version": target.version,
                                                     "error": f"{type(exc).__name__}: {exc}"[:200]})
-            return
         finally:
             a.mirrors -= 1
-        if is_candidate:
-            counts.answered(True, time.perf_counter() - started, False)
-        counts.compared += len(classes)
-        counts.agreed += sum(x == y for x, y in zip(classes, theirs))
+        self._compare(a, target, classes, outputs, time.perf_counter() - started)
 
     def thresholds_of(self, model: Model) -> Thresholds:
         """The guards' thresholds; a model's config.pbtxt parameter ``rollout_min_agreement`` sets its own."""
