@@ -619,17 +619,9 @@ class Rollouts:
                 await self._change(model, row, {**_ended(), "stable": a.candidate}, "promoted", a.candidate,
                                    verdict.reason, verdict.detail, evidence)
 
-    async def _accuracy(self, name: str, a: Active) -> Accuracy | None:
-        assert self.state is not None
-        counts = {c.version: c for c in await self.state.counts(name, a.started_at)}
-
-        def arm(version: int) -> tuple[int, int]:
-            c = counts.get(str(version))
-            if c is None:
-                return 0, 0
-            return sum(n for (label, cls), n in c.confusion.items() if label == cls), sum(c.confusion.values())
-
-        return Accuracy(arm(a.stable), arm(a.candidate))
+    async def _accuracy(self, name: str, a: Active) -> Accuracy:
+        counts = await self.state_call("labelled_counts", name, a.started_at)
+        return Accuracy(counts.get(str(a.stable), (0, 0)), counts.get(str(a.candidate), (0, 0)))
 
     async def _change(self, model: Model, row: dict[str, Any], values: dict[str, Any], decision: str, version: int,
                       reason: str, detail: str, evidence: dict[str, Any]) -> bool:

@@ -438,6 +438,19 @@ class StateStore:
                 counts.confusion[label, class_id] = n
         return list(by_version.values())
 
+    def labelled_counts(self, model: str, since: float) -> dict[str, tuple[int, int]]:
+        """Per version: (correct, labelled) over the labelled predictions made since ``since``. Read from the
+        feedback side (labels are few next to predictions), so it stays cheap however long the log is: the
+        rollout's accuracy guard asks for it on every sync."""
+        p, f = predictions.c, feedback.c
+        joined = feedback.join(predictions, sa.and_(p.model == f.model, p.request_id == f.request_id,
+                                                    p.idx == f.idx))
+        correct = sa.func.sum(sa.case((p.class_id == f.label, 1), else_=0))
+        with self.engine.connect() as conn:
+            return {version: (int(right or 0), int(n)) for version, right, n in conn.execute(
+                sa.select(p.version, correct, sa.func.count()).select_from(joined)
+                .where(f.model == model, p.created_at >= since).group_by(p.version))}
+
     def labelled_examples(self, model: str, since: float | None = None,
                           version: str | None = None) -> list[LabelledExample]:
         """Labelled predictions of a model whose input was kept, oldest first."""

@@ -284,3 +284,13 @@ def test_phase_counts_are_each_processs_latest_and_go_with_their_phase(store):
     assert sorted(store.phase_counts("p1")) == ['{"candidate": 2}', '{"candidate": 5}']
     store.change_rollout("digits", 2, {"candidate": 2, "phase": "p2"})
     assert store.phase_counts("p1") == []  # a new phase: the old one's counts are gone
+
+
+def test_labelled_counts_per_version_since_a_time(store):
+    store.write([record("a", version="1", class_id=3, at=10.0), record("b", version="1", class_id=3, at=20.0),
+                 record("c", version="2", class_id=5, at=20.0), record("d", version="2", class_id=5, at=21.0),
+                 record("e", version="2", class_id=1, at=22.0)])
+    store.add_feedback("digits", [Label("a", 0, 3), Label("b", 0, 3), Label("c", 0, 5), Label("d", 0, 4)])
+    assert store.labelled_counts("digits", 15.0) == {"1": (1, 1), "2": (1, 2)}  # "a" is older, "e" unlabelled
+    assert store.labelled_counts("digits", 0.0) == {"1": (2, 2), "2": (1, 2)}
+    assert store.labelled_counts("other", 0.0) == {}
