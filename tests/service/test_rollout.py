@@ -288,3 +288,45 @@ def test_two_replicas_on_one_postgresql_take_one_decision(tmp_path, bundled_mnis
         finally:
             for r in replicas:
                 r.stop()
+
+
+def test_a_candidate_less_accurate_on_feedback_labels_is_rolled_back_on_accuracy(tmp_path, bundled_mnist,
+                                                                                    mnist_pngs):
+    """Agreement set aside for this model (its config.pbtxt: rollout_min_agreement 0), so the labels decide:
+    Fashion-MNIST's network canaried as mnist, clients label their digits, and the accuracy guard rolls it back."""
+    root = tmp_path / "models"
+    shutil.copytree(bundled_mnist / "mnist", root / "mnist", ignore=IGNORE)
+    with open(root / "mnist" / "config.pbtxt", "a") as config:
+        config.write('\nparameters { key: "rollout_min_agreement" value { string_value: "0" } }\n')
+    shutil.copytree(bundled_mnist / "fashion-mnist" / "2", root / "mnist" / "2", ignore=IGNORE)
+    server = start(root, f"sqlite:///{tmp_path}/state.sqlite", CONVSERVE_ROLLOUT_MIN_REQUESTS="100000",
+                   CONVSERVE_GRPC_PORT="0")
+    try:
+        r = httpx.post(f"{server.url}/v2/repository/models/mnist/rollout/promote", headers=ADMIN, timeout=30,
+                       json={"version": "1"})  # a fresh server serves the newest: put 1 back, then canary 2
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{server.url}/v2/repository/models/mnist/rollout", headers=ADMIN, timeout=30,
+                       json={"candidate": "2", "mode": "canary", "traffic": 0.5})
+        assert r.status_code == 200, r.text
+        time.sleep(1)  # both workers route the canary
+        labels, answered = [], Counter()
+        for i in range(160):
+            png, label = mnist_pngs[i % len(mnist_pngs)]
+            r = httpx.post(f"{server.url}/models/mnist/predict", content=png, timeout=30,
+                           headers={"Content-Type": "image/png", "X-Rollout-Key": f"user-{i}",
+                                    "X-Request-Id": f"acc-{i}"})
+            assert r.status_code == 200
+            answered[r.headers["x-model-version"]] += 1
+            labels.append({"id": f"acc-{i}", "label": label})
+        assert min(answered["1"], answered["2"]) >= 30, answered
+        r = httpx.post(f"{server.url}/v2/models/mnist/feedback", json={"feedback": labels}, timeout=30)
+        assert r.status_code == 200, r.text
+        state = wait_for(server.url, lambda s: s["candidate"] is None, timeout=60)
+        decision = state["history"][0]
+        assert (decision["version"], decision["decision"]) == ("2", "rolled_back")
+        assert decision["reason"].startswith("accuracy fails")
+        accuracy = decision["evidence"]["guards"]["accuracy"]
+        assert accuracy["status"] == "fails" and accuracy["ci99"][1] < -0.02
+        assert decision["evidence"]["guards"]["agreement"]["status"] == "holds"  # it was the labels
+    finally:
+        server.stop()
