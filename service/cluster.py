@@ -296,7 +296,8 @@ class WorkerCluster(Cluster):
             return False
         for status in statuses:
             versions = status["models"].get(name) or []
-            if not versions or (version is not None and int(version) not in versions):
+            # A label (stable, canary) names whichever version each worker routes it to: the model suffices.
+            if not versions or (version is not None and version.isdigit() and int(version) not in versions):
                 return False
         return True
 

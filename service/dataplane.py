@@ -37,7 +37,7 @@ from service.errors import (
 from service.limits import finite_outputs
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
-from service.repository import Model, ModelRepository, ModelVersion, VersionStatus
+from service.repository import VERSION_LABELS, Model, ModelRepository, ModelVersion, VersionStatus
 from service.rollout import Rollouts
 from service.settings import Settings
 from service.state import State
@@ -139,6 +139,8 @@ class DataPlane:
         model = self.model(name)
         if version is None:
             return list(reversed(model.statuses()))
+        if version in VERSION_LABELS:  # stable, canary: the version the label names now (404 if none)
+            version = str(self.version(name, version).version)
         statuses = [s for s in model.statuses() if str(s.version) == version]
         if not statuses:
             self.version(name, version)  # raises the 404 with its message

@@ -221,6 +221,11 @@ def test_a_canary_by_hand_keeps_each_key_on_one_arm_and_answers_to_its_labels(se
         tensor.set_data_from_numpy(rows)
         assert client.infer("mnist", [tensor], model_version="canary").get_response().model_version == "1"
     assert httpx.post(f"{server.url}/v1/models/mnist/labels/beta:predict", json=b64, timeout=30).status_code == 404
+    for label in ("stable", "canary"):  # readiness of a label, on both workers' state
+        r = httpx.get(f"{server.url}/v2/models/mnist/versions/{label}/ready", timeout=10)
+        assert r.status_code == 200, r.text
+        with tg.InferenceServerClient(server.grpc_url) as client:
+            assert client.is_model_ready("mnist", label)
     assert server.metric('convserve_rollout_state{model="mnist"}') == 2
 
 
