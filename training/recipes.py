@@ -190,7 +190,7 @@ RECIPES: dict[str, Recipe] = {
         # 93.3% of its own training images (its model.onnx, no augmentation or dropout; 88.8% with
         # them) and its training accuracy rose for as long as the rate was above ~0.003: it is
         # short of epochs rather than of capacity or regularisation. Changing epochs re-spreads
-        # the schedule, so this must stay 300 until the v4 run (training/resume/cifar10-v4) is done.
+        # the schedule of a run being resumed. v4 scored 87.74% (95.8% of its training images).
         epochs=300,
         batch_size=128,
         optimizer="sgd",
