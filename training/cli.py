@@ -78,6 +78,45 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="the recipe it was trained with")
     _add_publish_args(export)
     _add_data_args(export)
+
+    from training import refresh as r
+
+    refresh = sub.add_parser(
+        "refresh", help="fine-tune the served version on labelled production traffic and publish it as a candidate",
+        description="Read a model's labelled predictions with kept inputs from the state store, fine-tune the stable "
+                    "version on the recipe's dataset mixed with them, and publish the next version if it is no worse "
+                    "on the recipe's test set and better on held-out feedback. Exit status: 0 published, 2 error, "
+                    f"{REFUSED_EXIT} refused by a gate, {r.NOT_ENOUGH_EXIT} too few labelled predictions.")
+    refresh.add_argument("--model", required=True, help="the model's name in the repository and the state store")
+    refresh.add_argument("--models-dir", type=Path, default=_default_dir("CONVSERVE_MODELS_DIR", "models"),
+                         help="the server's model repository (default: $CONVSERVE_MODELS_DIR, else models)")
+    refresh.add_argument("--state-url", default=os.environ.get("CONVSERVE_STATE_URL"),
+                         help="the server's state store (default: $CONVSERVE_STATE_URL)")
+    refresh.add_argument("--epochs", type=int, default=r.DEFAULT_EPOCHS,
+                         help=f"fine-tuning epochs (default {r.DEFAULT_EPOCHS})")
+    refresh.add_argument("--since", default=None, metavar="T",
+                         help="only predictions made since T: ISO 8601 time, unix seconds, or an age (30m, 12h, 7d)")
+    refresh.add_argument("--min-labelled", type=int, default=r.DEFAULT_MIN_LABELLED, metavar="N",
+                         help=f"refuse (exit {r.NOT_ENOUGH_EXIT}) with fewer labelled predictions "
+                              f"(default {r.DEFAULT_MIN_LABELLED})")
+    refresh.add_argument("--held-out", type=float, default=r.DEFAULT_HELD_OUT, metavar="FRACTION",
+                         help=f"share of the feedback held out to judge the candidate (default {r.DEFAULT_HELD_OUT:g})")
+    refresh.add_argument("--min-gain", type=float, default=r.DEFAULT_MIN_GAIN_PP, metavar="PP",
+                         help="publish only if the candidate beats the stable version on the held-out feedback by PP "
+                              f"percentage points (default {r.DEFAULT_MIN_GAIN_PP:g})")
+    refresh.add_argument("--feedback-share", type=float, default=r.DEFAULT_FEEDBACK_SHARE, metavar="FRACTION",
+                         help="share of each epoch the feedback examples make up, repeated "
+                              f"(default {r.DEFAULT_FEEDBACK_SHARE:g})")
+    refresh.add_argument("--learning-rate", type=float, default=None,
+                         help=f"peak rate of the cosine (default: {r.FINE_TUNE_RATE:g} x the recipe's)")
+    refresh.add_argument("--seed", type=int, default=1234, help="the split's and the training's seed (default 1234)")
+    refresh.add_argument("--runs-dir", type=Path, default=_default_dir("CONVSERVE_RUNS_DIR", "runs"),
+                         help="where the fine-tune's logs go (default: $CONVSERVE_RUNS_DIR, else runs)")
+    refresh.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_PP, metavar="PP",
+                         help="on the recipe's test set, publish only if at most PP points below the stable version "
+                              f"(default {DEFAULT_TOLERANCE_PP:g})")
+    refresh.add_argument("--force", action="store_true", help="publish even if a gate refuses (recorded)")
+    _add_data_args(refresh)
     return parser
 
 
@@ -198,6 +237,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from training.refresh import Options, refresh
+
+    if not args.state_url:
+        raise UsageError("--state-url (or CONVSERVE_STATE_URL) is needed: the server's state store")
+    for flag, value, low, high in (("--held-out", args.held_out, 0.0, 0.9), ("--feedback-share", args.feedback_share,
+                                                                              0.01, 0.9)):
+        if not low <= value <= high:
+            raise UsageError(f"{flag} must be between {low:g} and {high:g}, got {value:g}")
+    if args.epochs < 1 or args.min_labelled < 1:
+        raise UsageError("--epochs and --min-labelled must be 1 or more")
+    from service.repository import valid_name
+
+    if not valid_name(args.model):
+        raise UsageError(f"--model {args.model!r} is not a valid model name")
+    ensure_writable(args.models_dir, "models directory")
+    ensure_writable(args.runs_dir, "runs directory")
+    target = refresh(Options(
+        model=args.model, models_dir=args.models_dir, state_url=args.state_url, data_dir=args.data_dir,
+        runs_dir=args.runs_dir, epochs=args.epochs, since=args.since, min_labelled=args.min_labelled,
+        held_out=args.held_out, min_gain_pp=args.min_gain, feedback_share=args.feedback_share,
+        learning_rate=args.learning_rate, seed=args.seed, limit=args.limit, gate=_gate(args)))
+    _published(target)
+    held = json.loads((target / "metadata.json").read_text())["feedback"]["held_out"]
+    print(f"held-out feedback ({held['examples']} examples): v{target.name} {held['candidate_accuracy']:.2%}, "
+          f"the stable version {held['stable_accuracy']:.2%}; a running server now rolls it out")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -205,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.export import ExportError
     from training.promotion import PromotionRefused
+    from training.refresh import NOT_ENOUGH_EXIT, NotEnoughFeedback, RefreshError
 
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "refresh": cmd_refresh}
     try:
         if args.command == "train" and SUPERVISED_ENV not in os.environ and (cluster := cluster_from_env()):
             return run_supervised(sys.argv[1:] if argv is None else argv, cluster, args.cluster_timeout)
@@ -214,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except PromotionRefused as exc:
         print(str(exc), file=sys.stderr)
         return REFUSED_EXIT
-    except (DataError, ExportError, ClusterError, UsageError) as exc:
+    except NotEnoughFeedback as exc:
+        print(str(exc), file=sys.stderr)
+        return NOT_ENOUGH_EXIT
+    except (DataError, ExportError, ClusterError, UsageError, RefreshError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ERROR_EXIT

@@ -23,7 +23,7 @@ import numpy as np
 
 from training.data import Dataset
 from training.evaluate import classification_metrics, onnx_session, predict_onnx
-from training.promotion import REFUSED, Gate, PromotionRefused, judge
+from training.promotion import REFUSED, Check, Gate, PromotionRefused, add_check, judge
 from training.recipes import Recipe
 from training.report import write_report
 
@@ -293,12 +293,13 @@ def _keep_refused(staging: Path, keep_dir: Path | None) -> Path | None:
 def export_version(model: Any, recipe: Recipe, ds: Dataset, models_dir: Path, *,
                    history: dict[str, list[float]] | None = None,
                    training: dict[str, Any] | None = None, name: str | None = None,
-                   gate: Gate | None = None) -> Path:
+                   gate: Gate | None = None, check: Callable[[Path], Check] | None = None) -> Path:
     """Export, verify, score, judge and publish ``model`` as ``models_dir/<name>/<n+1>/``.
 
     ``name`` is the model's name in the repository (default: the recipe's). The ``gate``
     (default: ``Gate()``) compares the candidate with the newest published version; a refused
-    candidate raises :class:`PromotionRefused` after its export is moved to ``gate.keep_dir``.
+    candidate raises :class:`PromotionRefused` after its export is moved to ``gate.keep_dir``. ``check``, called
+    with the staged version directory, is a second test the candidate must pass (see :class:`Check`).
     """
     name = name or recipe.name
     gate = gate or Gate()
@@ -353,6 +354,10 @@ def export_version(model: Any, recipe: Recipe, ds: Dataset, models_dir: Path, *,
         }
         metadata["sha256"] = file_checksums(staging)
         metadata["promotion"] = judge(model_root, metrics["accuracy"], metadata, ds, gate)
+        if check is not None:
+            extra = check(staging)
+            metadata[extra.key] = extra.record
+            add_check(metadata["promotion"], extra, gate)
 
         def finish(version: int | None) -> None:
             metadata["version"] = version

@@ -29,6 +29,18 @@ class Gate:
     force: bool = False
     keep_dir: Path | None = None
     """Where a refused candidate's export is kept (``<keep_dir>/candidate``); None discards it."""
+    incumbent: int | None = None
+    """The version to compare with; None: the newest published one (``refresh`` names the stable version)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A test beside the test set's that a candidate must pass (``refresh``'s held-out feedback): its record goes
+    into the candidate's metadata under ``key``; a ``refusal`` refuses it, as the test set's gate does."""
+
+    key: str
+    record: dict[str, Any]
+    refusal: str | None = None
 
 
 class PromotionRefused(Exception):
@@ -80,8 +92,9 @@ def judge(model_root: Path, candidate_accuracy: float, interface: dict[str, Any]
     versions = published_versions(model_root)
     if not versions:
         return record
-    incumbent = model_root / str(versions[-1])
-    record["incumbent_version"] = versions[-1]
+    chosen = versions[-1] if gate.incumbent is None else gate.incumbent
+    incumbent = model_root / str(chosen)
+    record["incumbent_version"] = chosen
     reason = _incomparable(incumbent, interface)
     if reason is None:
         try:
@@ -103,6 +116,15 @@ def judge(model_root: Path, candidate_accuracy: float, interface: dict[str, Any]
     record["decision"] = FORCED if gate.force else REFUSED
     record["reason"] = reason
     return record
+
+
+def add_check(record: dict[str, Any], check: Check, gate: Gate) -> None:
+    """Fold a :class:`Check`'s refusal into the gate's record: refused, or forced when the gate forces."""
+    if check.refusal is None:
+        return
+    reason = check.refusal if record["decision"] not in (REFUSED, FORCED) else f"{record['reason']}; {check.refusal}"
+    record["decision"] = FORCED if gate.force else REFUSED
+    record["reason"] = reason
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -78,6 +78,14 @@ class Recipe:
         data["restarts"] = list(self.restarts)
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """The recipe a version was trained with, from its ``metadata.json`` (:meth:`to_dict`'s output)."""
+        fields = {**data, "input_shape": tuple(data["input_shape"]), "labels": tuple(data["labels"]),
+                  "restarts": tuple(data.get("restarts", ())),
+                  "augmentation": Augmentation(**data.get("augmentation", {}))}
+        return cls(**fields)
+
 
 def build_lenet(recipe: Recipe) -> Any:
     """LeNet as in the MNIST notebook: two conv/pool stages, Dense 500, softmax."""

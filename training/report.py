@@ -58,6 +58,45 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _feedback_section(metadata: dict[str, Any]) -> str:
+    """A refreshed version's two test sets (the recipe's and the held-out feedback) and the feedback it used."""
+    feedback = metadata.get("feedback")
+    if not feedback:
+        return ""
+    promotion, held = metadata.get("promotion") or {}, feedback["held_out"]
+    base = feedback["base_version"]
+    split = feedback["split"]
+    classes = ", ".join(f"{label} {n}" for label, n in split["train_per_class"].items())
+    rows = "\n".join(f"| {name} | {images} | {_percent(old)} | {_percent(new)} |" for name, images, old, new in (
+        ("the recipe's test set", promotion.get("test_images", "n/a"), promotion.get("incumbent_accuracy"),
+         promotion.get("candidate_accuracy")),
+        ("held-out production feedback", held["examples"], held["stable_accuracy"], held["candidate_accuracy"])))
+    gain = "n/a" if held["gain_pp"] is None else f"{held['gain_pp']:+.2f}"
+    return f"""## Refreshed from production feedback
+
+Fine-tuned from version {base} ({feedback['base']}) on the recipe's training set mixed with
+{feedback['mix']['feedback_examples']} labelled production inputs (each repeated {feedback['mix']['repeats']} times,
+{feedback['mix']['feedback_share']:.0%} of an epoch), {feedback['schedule']['epochs']} epochs from a peak rate of
+{feedback['schedule']['peak_learning_rate']:g}. Both test sets, from the exported `model.onnx` files:
+
+| test set | images | version {base} | this candidate |
+|---|---|---|---|
+{rows}
+
+Held-out gain {gain} pp (at least {held['min_gain_pp']:g} pp needed).
+Feedback: {feedback['labelled']} labelled predictions ({feedback['skipped']} skipped) made from
+{feedback['first_prediction_at']} to {feedback['last_prediction_at']} in {feedback['state_store']}, answered by
+{", ".join(f"v{v} {n}" for v, n in feedback['answered_by'].items())}; split seeded {split['seed']}, stratified by true
+label, {split['held_out_fraction']:.0%} held out (the ids are in `feedback_split.json`). Training part per class:
+{classes}.
+
+"""
+
+
 def write_report(directory: Path, metadata: dict[str, Any], metrics: dict[str, Any],
                  history: dict[str, list[float]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
@@ -101,7 +140,7 @@ Scored from the exported `model.onnx` on the untouched test set ({metrics['examp
 | promotion gate | {describe(promotion) if promotion else 'n/a'} |
 | data | {json.dumps(metadata['data'])} |
 
-## Per class
+{_feedback_section(metadata)}## Per class
 
 | class | precision | recall | support |
 |---|---|---|---|

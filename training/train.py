@@ -219,7 +219,7 @@ def _fix_keras_for_multi_worker(model: Any, strategy: Any) -> None:
 
 def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = None,
           max_steps: int | None = None, resume: Path | None = None, verbose: int = 2,
-          cluster: Cluster | None = None) -> TrainResult:
+          cluster: Cluster | None = None, initial_model: Any = None) -> TrainResult:
     """Train a recipe on a dataset; returns the best-on-validation model.
 
     A recipe with ``validation_size`` 0 trains on the whole training set and returns the
@@ -227,7 +227,8 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
 
     ``resume`` is an earlier run directory: training continues from its ``last.keras`` at
     the epoch after the last completed one. With a ``cluster`` (``cluster_from_env()``), every
-    worker calls this, and each must call ``TrainResult.done()`` at the end.
+    worker calls this, and each must call ``TrainResult.done()`` at the end. ``initial_model`` (a Keras
+    model of the recipe's architecture) is trained from its weights instead of a fresh build: a fine-tune.
     """
     import keras
 
@@ -260,7 +261,7 @@ def train(recipe: Recipe, ds: Dataset, runs_dir: Path, *, epochs: int | None = N
             history = json.loads((source / "history.json").read_text()) if (source / "history.json").exists() else {}
             log.info("resuming %s at epoch %d", source.name, initial_epoch + 1)
         else:
-            model = build_model(recipe)
+            model = build_model(recipe) if initial_model is None else initial_model
             model.compile(
                 optimizer=make_optimizer(recipe),
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),

@@ -295,7 +295,10 @@ class StateStore:
         return found
 
     def schema_version(self) -> int | None:
+        """The store's schema version; None when no convserve process has created the schema there yet."""
         with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(schema_table.name):
+                return None
             return conn.execute(sa.select(schema_table.c.version).where(schema_table.c.id == 1)).scalar()
 
     # The prediction log -------------------------------------------------------------------------
