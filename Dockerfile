@@ -48,9 +48,11 @@ COPY service/ service/
 COPY training/ training/
 # The bundled versions, so the shared models volume is seeded the same whichever image mounts it first.
 COPY --chown=convserve:convserve models/ /models/
-# Writable by the user: checkpoints and logs, and the keras.datasets download cache (compose mounts volumes
-# on both; a volume mounted where the image has no directory would be owned by root).
-RUN mkdir -p /runs /home/convserve/.keras && chown convserve:convserve /runs /home/convserve/.keras
+# Writable by the user: checkpoints and logs, the keras.datasets download cache, and the state store's directory
+# that `refresh` reads the api's SQLite file in (compose mounts volumes on all three; a volume mounted where the
+# image has no directory would be owned by root).
+RUN mkdir -p /runs /home/convserve/.keras /var/lib/convserve \
+    && chown convserve:convserve /runs /home/convserve/.keras /var/lib/convserve
 USER convserve
 # The CLI's default --models-dir and --runs-dir (the working directory, /app, is not the user's to write).
 ENV CONVSERVE_MODELS_DIR=/models \

@@ -169,7 +169,7 @@ def seconds(duration: str) -> float:
 
 
 def test_compose_config_is_valid(compose_config):
-    assert set(compose_config["services"]) == {"api", "prometheus", "grafana", "train", "postgres"}
+    assert set(compose_config["services"]) == {"api", "prometheus", "grafana", "train", "refresh", "postgres"}
     assert set(compose_config["volumes"]) >= {"models", "state"}
 
 

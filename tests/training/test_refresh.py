@@ -201,6 +201,14 @@ class Mixed:
                     self.errors.append(f"{r.status_code} {r.text[:200]}")
 
 
+def followed(url: str, png: bytes, version: str, timeout: float = 30) -> None:
+    deadline, streak = time.monotonic() + timeout, 0
+    while streak < 50:  # a connection each: they spread over the workers
+        assert time.monotonic() < deadline, f"the workers never all answered with version {version}"
+        r = httpx.post(f"{url}/models/mnist/predict", content=png, headers={"Content-Type": "image/png"}, timeout=30)
+        streak = streak + 1 if r.headers.get("x-model-version") == version else 0
+
+
 def split_ids(models: Path) -> list[str]:
     """The held-out prediction ids a refreshed version records (``cam-<i>/0``)."""
     return json.loads((models / "mnist" / "2" / "report" / "feedback_split.json").read_text())["held_out"]
@@ -301,7 +309,9 @@ def test_the_loop_learns_rotated_digits_from_feedback_and_rolls_the_refresh_out(
         assert server.metric('convserve_rollout_decisions_total{decision="promoted",model="mnist",'
                              'reason="guards_held"}') == 1
 
-        # 4. After, on the same unseen rotated digits as before, through the server (v1 is unloaded now).
+        # 4. After, on the same unseen rotated digits as before, through the server (v1 is unloaded now), once both
+        # workers follow the decision (each at its next sync).
+        followed(server.url, pngs[0], "2")
         after = accuracy_through(server.url, "/models/mnist/predict", fresh_rotated, mnist.y_test[600:1000])
         assert after >= before + 0.1, (before, after)
         assert promotion["candidate_accuracy"] >= promotion["incumbent_accuracy"] - 0.005
