@@ -180,6 +180,9 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"{held['candidate_accuracy']:.2%}")
     print(f"refresh wall {refresh_wall:.0f} s (training {metadata['training']['wall_seconds']:.0f} s); rollout "
           f"{' -> '.join(seen)} in {rollout_wall:.0f} s: {decision.get('decision')} ({decision.get('reason')})")
+    agreement = decision.get("evidence", {}).get("guards", {}).get("agreement", {})
+    print(f"agreement with v1 in the deciding phase: {agreement.get('value')} (threshold {agreement.get('threshold')}; "
+          f"{agreement.get('detail')})")
 
 
 def main(argv: list[str] | None = None) -> None:

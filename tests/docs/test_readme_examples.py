@@ -32,6 +32,8 @@ ADMIN_TOKEN = "readme-examples-token"
 SKIPPED = {
     r"-m training train\b": "trains a model (minutes to hours of CPU) and publishes a new version into models/",
     r"-m training export\b": "needs a checkpoint of a training run (runs/<recipe>/<run>/best.keras)",
+    r"-m training refresh\b": "needs labelled production traffic in the server's store; "
+                               "tests/training/test_refresh.py runs the loop end to end",
     r"-m service\b": "starts a server itself: the server these examples run against is that command",
 }
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
