@@ -278,9 +278,10 @@ def render_markdown(results: dict[str, Any], rows: list[Row], ratios: list[Ratio
         f"wrk (keep-alive, up to 2 threads, {s['duration_s']:g} s per point after {s['warmup_s']:g} s of warm-up per "
         "server) at each concurrency; batching off, and on over a grid of max batch size x max queue delay. "
         "The bench serves the model from a temporary repository without config.pbtxt so that "
-        "`CONVSERVE_MAX_BATCH_SIZE`/`CONVSERVE_MAX_QUEUE_DELAY_US` apply (the bundled config.pbtxt pins 64 / 500 us); "
-        "access log off and repository polling off. `as shipped` is the bundled config with every default "
-        "(access log on).",
+        "`CONVSERVE_MAX_BATCH_SIZE`/`CONVSERVE_MAX_QUEUE_DELAY_US` apply; access log off and repository polling "
+        "off. `as shipped` serves the bundled model directory, its config.pbtxt included, with every default "
+        "(access log on); its label says what that config.pbtxt set for batching when the bench ran (max batch "
+        "size, and a queue delay only if the file sets one; without one `CONVSERVE_MAX_QUEUE_DELAY_US` applies).",
         f"- **v2 binary**: `POST /v2/models/mnist/infer` with 256 images per request in the binary tensor extension "
         f"(random uint8-valued float32 [256,28,28,1], binary output), concurrency {s['v2_concurrency']}.",
         "- **Peers**, same model, same load: (a) bench/peers/inline_onnx_app.py (FastAPI, Pillow, `session.run` "

@@ -3,7 +3,7 @@
 convserve is pointed at a temporary model repository that links to models/mnist/1 (nothing is
 written under models/). Without a config.pbtxt there, the ``CONVSERVE_MAX_BATCH_SIZE`` and
 ``CONVSERVE_MAX_QUEUE_DELAY_US`` settings of the grid apply; the "as shipped" repository links the
-whole bundled model directory, config.pbtxt included.
+whole bundled model directory, config.pbtxt included, and its label says what that file sets for batching.
 """
 
 from __future__ import annotations
@@ -12,13 +12,29 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from bench.servers import ServerSpec
+from service.model_config import read_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "mnist"
 BENTO_VENV = ROOT / "bench" / ".venv-bentoml"
+
+
+@cache
+def shipped_batching(model_dir: Path = MODEL_DIR) -> str:
+    """What the bundled config.pbtxt sets for batching, read from the file: ``b64, no delay`` or ``b64/500us``.
+
+    No delay in the file means ``CONVSERVE_MAX_QUEUE_DELAY_US`` (default 0) applies, as for the grid's rows.
+    """
+    config = read_model_config(model_dir)
+    if config is None:
+        return "no config.pbtxt"
+    size = f"b{config.max_batch_size}" if config.max_batch_size else "no batch limit"
+    delay = config.dynamic_batching.max_queue_delay_microseconds if config.HasField("dynamic_batching") else 0
+    return f"{size}/{delay}us" if delay else f"{size}, no delay"
 
 
 @dataclass(frozen=True)
@@ -34,7 +50,7 @@ class OursConfig:
     @property
     def label(self) -> str:
         if self.shipped:
-            return "ours as shipped (config.pbtxt b64/500us, access log on)"
+            return f"ours as shipped (config.pbtxt {shipped_batching()}, access log on)"
         if not self.batching:
             return "ours batching off"
         return f"ours batching b{self.max_batch_size}/{self.max_queue_delay_us}us"

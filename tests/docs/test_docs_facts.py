@@ -43,3 +43,19 @@ def test_training_md_table_quotes_every_bundled_versions_test_accuracy():
         meta = json.loads(metadata.read_text())
         bundled[meta["name"], meta["version"]] = round(meta["test_metrics"]["accuracy"] * 100, 2)
     assert quoted == bundled
+
+
+
+def test_the_benchmark_labels_the_shipped_config_with_what_its_config_pbtxt_sets(tmp_path):
+    # docs/benchmarks.md's generated part names the bundled config's batching; the generator reads it from the file
+    from bench.targets import MODEL_DIR, shipped_batching
+
+    bundled = (MODEL_DIR / "config.pbtxt").read_text()
+    assert "dynamic_batching { }" in bundled  # max_batch_size 64 and no queue delay of its own
+    assert shipped_batching(MODEL_DIR) == "b64, no delay"
+    delayed = tmp_path / "mnist"
+    delayed.mkdir()
+    (delayed / "config.pbtxt").write_text(bundled.replace("dynamic_batching { }",
+                                                          "dynamic_batching { max_queue_delay_microseconds: 500 }"))
+    assert shipped_batching(delayed) == "b64/500us"
+    assert "500 us" not in (REPO_ROOT / "bench" / "report.py").read_text()

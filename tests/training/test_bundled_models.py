@@ -2,7 +2,8 @@
 
 This is `python -m training evaluate` as a test: each committed ``model.onnx`` is scored on its
 dataset's untouched test set and must reproduce the accuracy in ``metadata.json`` and
-``report/metrics.json``.
+``report/metrics.json``. Every version also records its promotion (the gate's record, or one written
+afterwards for the versions published before the gate existed: docs/training.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from training.data import Dataset, load_dataset, sha256_file
 from training.evaluate import evaluate_onnx
+from training.promotion import describe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = REPO_ROOT / "models"
@@ -44,6 +46,21 @@ def test_committed_version_is_complete_and_its_checksums_match(version):
     assert metadata["sha256"], "metadata lists no artifacts"
     for relative, digest in metadata["sha256"].items():
         assert sha256_file(version / relative) == digest, relative
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_committed_version_records_its_promotion_and_its_report_says_the_same(version):
+    metadata = metadata_of(version)
+    promotion = metadata["promotion"]
+    first = int(version.name) == min(int(p.name) for p in VERSIONS if p.parent == version.parent)
+    assert promotion["decision"] in ("first version", "passed", "forced", "published before the gate")
+    assert (promotion["decision"] == "first version") == first
+    assert (promotion["incumbent_version"] is None) == first
+    assert promotion["candidate_accuracy"] == metadata["test_metrics"]["accuracy"]
+    assert promotion["test_images"] == metadata["test_metrics"]["examples"]
+    if promotion["decision"] == "published before the gate":
+        assert promotion["reason"] and promotion["backfilled"]
+    assert f"| promotion gate | {describe(promotion)}" in (version / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("version", VERSIONS, ids=lambda p: f"{p.parent.name}/{p.name}")
