@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput, ModelNotFound
-from service.limits import check_rows, off_loop
+from service.limits import check_json_items, check_rows, nested_budget, off_loop
 from service.parsing import strict_array
 from service.repository import FAILED, READY, VERSION_LABELS, VersionStatus
 from service.responses import json_response
@@ -128,8 +129,16 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
         elif _is_b64(values):
             result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone, request_id)
         else:
+            # Before converting a huge list: the rows, and what the lists hold (an instance is one row).
+            row_shape = [max(int(d), 1) for d in mv.input.shape[1:]]
+            row_budget = nested_budget(math.prod(row_shape), len(row_shape))
             if row_format:
-                check_rows(len(values), dataplane.settings.max_request_rows)  # before converting a huge list
+                check_rows(len(values), dataplane.settings.max_request_rows)
+                for i, instance in enumerate(values):
+                    check_json_items(instance, row_budget, f"instance {i}")
+            else:
+                check_json_items(values, nested_budget(dataplane.settings.max_request_rows * math.prod(row_shape),
+                                                       len(row_shape) + 1), "inputs")
             tensor = await off_loop(len(body), _tensor, values, "instances" if row_format else "inputs")
             result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), gone, request_id)
     key = "predictions" if row_format else "outputs"

@@ -17,7 +17,7 @@ from service import __version__
 from service.batching import Outputs
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
-from service.limits import check_declared_shape, check_response_bytes, off_loop
+from service.limits import check_declared_shape, check_json_items, check_response_bytes, nested_budget, off_loop
 from service.parsing import ascii_count, json_count, strict_array
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
@@ -87,6 +87,7 @@ def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int,
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r}: needs data (a list) or parameters.binary_data_size")
     check_declared_shape(shape, row_shape, max_rows, f"input {name!r}")  # before a huge list is converted
+    check_json_items(data, nested_budget(count, len(shape)), f"input {name!r}")  # the data, not only the shape
     array = strict_array(data, dtype, f"input {name!r}", datatype)
     if array.size != count:
         raise InvalidInput(f"input {name!r}: {array.size} values for shape {shape} (expected {count})")

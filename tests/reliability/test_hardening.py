@@ -653,6 +653,82 @@ class TestLargeJsonTensors:
         assert (len(conversions) > 1) is off_loop  # a slice at a time: the loop gets the GIL between slices
 
 
+class TestJsonDataBoundedByItsShape:
+    """Issue 33, class 3: a JSON tensor's data is counted against its declared shape (v2) or the model's row shape
+    (TF Serving) before numpy converts it. 5 M one-element rows under a declared [1, 28, 28, 1] used to be converted
+    row by row for 15 s before the size check refused them. The bound is relative: the refusal takes about as long
+    as refusing a body of the same size right after parsing it (an unknown datatype), the same server and run."""
+
+    ROWS = 400_000  # "[0]," is 4 bytes: 1.6 MB, under the suite's 2 MB body limit
+
+    @staticmethod
+    def timed(http: httpx.Client, path: str, body: bytes) -> tuple[httpx.Response, float]:
+        import time
+
+        started = time.perf_counter()
+        response = http.post(path, content=body, headers={"content-type": "application/json"})
+        return response, time.perf_counter() - started
+
+    def v2_body(self, data, datatype: str = "FP32", shape=(1, 28, 28, 1)) -> bytes:
+        return json.dumps({"inputs": [{"name": "image", "shape": list(shape), "datatype": datatype,
+                                       "data": data}]}).encode()
+
+    @pytest.mark.parametrize("variant", ["one-element rows", "two levels deep", "a regular row, then many",
+                                         "a flat tail behind one row"])
+    def test_v2_data_with_more_values_than_its_shape_is_refused_at_once(self, variant, http, server, assert_error,
+                                                                        assert_still_serving):
+        data = {"one-element rows": [[0]] * self.ROWS,
+                "two levels deep": [[[0]]] * (self.ROWS // 2),
+                "a regular row, then many": [[0] * ROW] + [[0]] * self.ROWS,
+                "a flat tail behind one row": [[[0] * ROW]] + [0] * self.ROWS}[variant]
+        body = self.v2_body(data)
+        baseline, baseline_s = self.timed(http, V2, self.v2_body(data, datatype="NOPE"))
+        assert baseline.status_code == 400, baseline.text
+        response, seconds = self.timed(http, V2, body)
+        assert_error(response, 400, "input 'image'")
+        assert seconds < 3 * baseline_s + 0.25, (seconds, baseline_s)
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("form", ["instances", "inputs"])
+    def test_tf_serving_values_beyond_the_rows_allowed_are_refused_at_once(self, form, http, server, assert_error,
+                                                                           assert_still_serving):
+        data = [[[0]] * self.ROWS] if form == "instances" else [[0]] * self.ROWS
+        body = json.dumps({form: data}).encode()
+        baseline, baseline_s = self.timed(http, TF, json.dumps({"neither": data}).encode())
+        assert baseline.status_code == 400, baseline.text
+        response, seconds = self.timed(http, TF, body)
+        assert_error(response, 400, "data holds more values than its shape allows")
+        assert seconds < 3 * baseline_s + 0.25, (seconds, baseline_s)
+        assert_still_serving(server)
+
+    def test_nested_data_of_the_right_size_is_served(self, http, server, digits, assert_still_serving):
+        rows, labels = digit_rows(digits, 8)
+        response = http.post(V2, json={"inputs": [{"name": "image", "shape": [8, 28, 28, 1], "datatype": "FP32",
+                                                   "data": rows.tolist()}]})
+        assert response.status_code == 200, response.text
+        assert np.reshape(response.json()["outputs"][0]["data"], (8, 10)).argmax(axis=1).tolist() == labels
+        response = http.post(TF, json={"instances": rows.tolist()})
+        assert np.asarray(response.json()["predictions"]).argmax(1).tolist() == labels
+        assert_still_serving(server)
+
+
+def test_the_item_walk_is_bounded_by_its_budget_not_the_data() -> None:
+    import time
+
+    from service.errors import InvalidInput
+    from service.limits import check_json_items, nested_budget
+
+    for data in ([[0]] * 2_000_000, [[[0]]] * 1_000_000, [[0] * 784, *([[0]] * 2_000_000)]):
+        started = time.process_time()
+        with pytest.raises(InvalidInput, match="more values than its shape allows"):
+            check_json_items(data, nested_budget(784, 4), "input 'image'")
+        assert time.process_time() - started < 0.05  # the budget is 3,921 items; two million would take a second
+    check_json_items(np.zeros((64, 28, 28, 1)).tolist(), nested_budget(64 * 784, 4), "x")  # exactly as declared
+    check_json_items([0.0] * 784, nested_budget(784, 4), "x")
+    with pytest.raises(InvalidInput, match="not a regular array"):
+        check_json_items([[0], 5], nested_budget(784, 4), "x")
+
+
 def _loop_running() -> bool:
     import asyncio
 
