@@ -17,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from service import workers
+from service import grpc_api, workers
 from service.app import create_app
+from service.runtimes import runtime_problem
 from service.settings import Settings
 from service.state.store import StateStore, StateStoreError
 
@@ -75,6 +77,12 @@ class Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def refuse(problem: str) -> NoReturn:
+    """Stop the start with one line a user can act on, not a traceback (exit status 2)."""
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -84,8 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         problems = "; ".join(dict.fromkeys(  # a union field (auto or a number) reports once per member
             f"CONVSERVE_{str(e['loc'][0]).upper() if e['loc'] else 'SETTINGS'}: "
             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()))
-        print(f"error: invalid settings: {problems}", file=sys.stderr)
-        sys.exit(2)
+        refuse(f"invalid settings: {problems}")
+    if not settings.models_dir.is_dir():  # a typo or a missing volume, not a repository with no model yet
+        problem = "is not a directory" if settings.models_dir.exists() else "does not exist"
+        refuse(f"invalid settings: CONVSERVE_MODELS_DIR: {settings.models_dir} {problem}")
+    if (problem := runtime_problem(settings.runtime)) is not None:
+        refuse(f"CONVSERVE_RUNTIME={settings.runtime}: {problem}")
     if settings.state_url:
         # Once, before any worker starts: the schema is created (or checked) by one process, and a store
         # that cannot be used stops the start with its reason.
@@ -93,12 +105,24 @@ def main(argv: list[str] | None = None) -> None:
         try:
             store.open()
         except StateStoreError as exc:
-            print(f"error: CONVSERVE_STATE_URL: {exc}", file=sys.stderr)
-            sys.exit(2)
+            refuse(f"CONVSERVE_STATE_URL: {exc}")
         finally:
             store.close()
+    try:
+        grpc_claim = grpc_api.claim_port(settings)  # before any worker: theirs bind beside it, no one else's can
+    except OSError as exc:
+        refuse(f"CONVSERVE_GRPC_PORT: {exc.strerror}")
+    try:
+        sys.exit(serve(settings))
+    finally:
+        for sock in grpc_claim:
+            sock.close()
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT, in one process or with workers; the exit status."""
     if settings.worker_count > 1:
-        sys.exit(workers.serve(settings, UVICORN_LOG_CONFIG))
+        return workers.serve(settings, UVICORN_LOG_CONFIG)
     app = create_app(settings, freeze_startup=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
@@ -111,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C, re-raised the same way
         pass
-    if not server.started:
-        sys.exit(3)  # uvicorn's startup-failure status
+    return 0 if server.started else 3  # 3: uvicorn's startup-failure status
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A grpcio asyncio server in the same process and event loop as the REST app (started and stopped in its
 lifespan, so every worker process runs one), going through the same :class:`~service.dataplane.DataPlane`:
-a gRPC and a REST request may share a batch. It binds with ``SO_REUSEPORT`` so workers share the port.
+a gRPC and a REST request may share a batch. It binds with ``SO_REUSEPORT`` so workers share the port;
+:func:`claim_port` keeps another instance off it.
 
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, ModelConfig and
 the repository RPCs (admin token in ``authorization: Bearer ...`` metadata, off without a token). The
@@ -16,8 +17,10 @@ deadline, so a request still queued when its client gave up is never run.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -363,6 +366,37 @@ def _config_type(datatype: str) -> int:
 
 
 # --- Server ----------------------------------------------------------------------------------------
+
+def claim_port(settings: Settings) -> list[socket.socket]:
+    """Claim ``settings.grpc_port`` for this instance, once, before any of its gRPC servers starts; an OSError
+    naming the address when another process holds it.
+
+    ``SO_REUSEPORT``, which lets the workers share the port, would as well let a second instance on it start
+    without error and take a share of its connections. A bind without it is refused wherever a socket is bound:
+    so a plain bind checks the port, then a socket bound with ``SO_REUSEPORT`` (never listening, so it takes no
+    connection) holds it until it is closed: this instance's servers bind beside it, another's check fails.
+    """
+    if not settings.grpc_port:
+        return []
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    claimed: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(settings.host, settings.grpc_port,
+                                                                  type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as check:
+                check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a past run's TIME_WAIT is no owner
+                check.bind(address)
+            hold = socket.socket(family, kind, proto)
+            claimed.append(hold)
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            hold.bind(address)
+    except OSError as exc:
+        for hold in claimed:
+            hold.close()
+        in_use = " (another process holds it)" if exc.errno == errno.EADDRINUSE else ""
+        raise OSError(exc.errno, f"cannot bind {host}:{settings.grpc_port}: {exc.strerror}{in_use}") from None
+    return claimed
+
 
 async def start_server(dataplane: DataPlane, metrics: Metrics, settings: Settings,
                        ready: Callable[[], bool], cluster: Cluster | None = None) -> grpc.aio.Server | None:

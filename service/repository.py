@@ -396,7 +396,12 @@ class ModelRepository:
         return True
 
     async def _sync_model(self, name: str, versions: list[int]) -> None:
-        model = self._models.setdefault(name, Model(name))
+        model = self._models.get(name)
+        if model is None:
+            model = self._models[name] = Model(name)
+            # Present from first sight, at 0 (a version's own series start when it loads): a dashboard or an
+            # absent() alert on the model sees 0, not "no data", even when no version of it ever loads.
+            self.metrics.load_failures.labels(name, "config")
         model.stable, model.candidate, model.blocked = self._pins.get(name, (None, None, frozenset()))
         try:
             config = await asyncio.to_thread(read_model_config, self.root / name)

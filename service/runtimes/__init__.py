@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +40,20 @@ class Runtime(Protocol):
 
 
 RUNTIME_FILES = {"onnx": "model.onnx", "tensorflow": "saved_model.pb"}
+
+
+def runtime_problem(kind: str) -> str | None:
+    """Why the named backend cannot be used (None: it can), checked once before the service starts.
+
+    TensorFlow is imported in a child interpreter: importing it here would keep half a gigabyte in a supervisor
+    that never runs a model (the workers are fresh interpreters). ONNX Runtime is a core dependency."""
+    if kind != "tensorflow":
+        return None
+    result = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    return f"tensorflow cannot be imported ({last}); install the [tf] extra or use CONVSERVE_RUNTIME=onnx"
 
 
 def load_runtime(kind: str, version_dir: Path, threads: int) -> Runtime:

@@ -428,13 +428,16 @@ def test_compose_flow_refresh_learns_from_feedback_and_the_running_api_rolls_it_
     container, fine-tunes, and publishes version 2 into the `models` volume; the running api loads it and starts
     its rollout. What the test changes from compose's defaults: every request's inputs kept (default 10%)."""
     api, refresh = compose_services["api"], compose_services["refresh"]
-    volumes = {v: names(f"volume-{v}") for v in ("models", "state", "runs", "keras-datasets")}
+    # Volumes of its own (the train flow's hold a version 2 and a rollout already): fresh, seeded from the image.
+    volumes = {v: names(f"refresh-volume-{v}") for v in ("models", "state", "runs", "keras-datasets")}
     api_name = names("compose-refresh-api")
     env = [f"--env={key}={value}" for key, value in {**api["environment"], "CONVSERVE_KEEP_INPUTS": "1"}.items()]
     poll = float(api["environment"]["CONVSERVE_REPOSITORY_POLL_SECONDS"])
     with container_steps.step("compose: api up for the loop"):
         url = start_serve(engine, serve_image, api_name, *env, f"--cpus={api['cpus']}",
                           *volume_args(api["volumes"], volumes))
+    assert mnist_versions(url) == {1: "READY"}  # a fresh models volume, seeded with the bundled version only
+    assert httpx.get(f"{url}/v2/models/mnist/rollout", timeout=10).json()["candidate"] is None
     traffic = rotated_digits(300)
     with container_steps.step("compose: 300 rotated digits answered and labelled"):
         labels = []

@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.cluster import TICK_SECONDS
 from tests.deploy.test_graceful_shutdown import probe
+from tests.support.models import write_digit_version
 from tests.support.server import ServiceProcess
+from tests.support.waiting import wait_for
 
 TOKEN = "workers-test-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -128,6 +130,25 @@ def test_metrics_are_the_sum_over_workers(start_service, tiny_repo, mnist_pngs):
         assert value(scraped, "convserve_inflight_requests", **labels) == 0
         assert value(scraped, "convserve_queue_rows", **labels) == 0
         assert value(scraped, "convserve_model_versions_loaded", model="digits") == 1  # not once per worker
+
+
+def test_refusal_and_load_failure_counters_read_zero_across_workers_before_any_event(start_service, tmp_path):
+    """A dashboard or an absent() alert sees 0, not "no data": the zero series every worker writes at load are
+    in the aggregated /metrics, whichever worker answers the scrape."""
+    write_digit_version(tmp_path, "digits", 1)
+    (write_digit_version(tmp_path, "broken", 1) / "model.onnx").write_bytes(b"\x08\x01not an onnx model")
+    service = start_two_workers(start_service, tmp_path, wait_for="live")  # not ready: broken has no version
+    assert wait_for(lambda: service.output().count('"msg":"models loaded"') == 2), service.output()
+    for _ in range(4):
+        scraped = samples(httpx.get(f"{service.url}/metrics", timeout=10).text)
+        for reason in ("queue_full", "queue_delay", "deadline"):
+            labels = {"model": "digits", "version": "1", "reason": reason}
+            assert scraped[("convserve_rejected_requests_total", frozenset(labels.items()))] == 0
+        for model, version in (("digits", "1"), ("digits", "config"), ("broken", "config")):
+            labels = {"model": model, "version": version}
+            assert scraped[("convserve_model_load_failures_total", frozenset(labels.items()))] == 0
+        broken = {"model": "broken", "version": "1"}
+        assert scraped[("convserve_model_load_failures_total", frozenset(broken.items()))] == 2  # one per worker
 
 
 def test_unload_then_load_through_the_api_applies_in_every_worker(start_service, tiny_repo, mnist_pngs):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -277,6 +279,22 @@ def test_repository_rpcs_are_off_without_a_token(app_client_factory, model_repo)
         status, _ = status_of(lambda: c.load_model("digits", headers=AUTH))
         assert status == "StatusCode.PERMISSION_DENIED"
         assert c.is_model_ready("digits")
+
+
+def test_a_second_instance_on_the_same_grpc_port_is_refused_and_the_first_keeps_serving(grpc_server, grpc_repo):
+    """The workers share the gRPC port (SO_REUSEPORT); an unrelated instance must not quietly share it too."""
+    port = grpc_server.grpc_url.rsplit(":", 1)[1]
+    second = subprocess.run([sys.executable, "-m", "service", "--models-dir", str(grpc_repo), "--host", "127.0.0.1",
+                             "--port", str(free_port()), "--grpc-port", port],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    (line,) = second.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"error: CONVSERVE_GRPC_PORT: cannot bind 127.0.0.1:{port}: "), line
+    assert line.endswith("(another process holds it)"), line
+    for _ in range(8):  # new connections, each one to the first instance's workers
+        with tg.InferenceServerClient(grpc_server.grpc_url) as c:
+            assert c.is_server_ready() and c.is_model_ready("digits")
+    assert grpc_server.alive()
 
 
 def test_grpc_port_setting(monkeypatch):

@@ -91,5 +91,6 @@ def test_refusal_failure_and_feedback_series_start_at_zero(client):
     for reason in ("queue_full", "queue_delay", "deadline"):
         assert f'convserve_rejected_requests_total{{model="digits",reason="{reason}",version="2"}} 0.0' in text
     assert 'convserve_model_load_failures_total{model="digits",version="2"} 0.0' in text
+    assert 'convserve_model_load_failures_total{model="digits",version="config"} 0.0' in text
     assert 'convserve_feedback_total{model="digits",outcome="incorrect",version="2"} 0.0' in text
     assert 'convserve_prediction_log_dropped_total{reason="store_error"} 0.0' in text

@@ -180,7 +180,7 @@ def test_a_version_that_is_not_a_number_is_404(tmp_path, make_version, app_clien
 
 
 def test_empty_models_dir_serves_nothing_but_stays_up(tmp_path, app_client_factory):
-    client = app_client_factory(tmp_path / "missing")
+    client = app_client_factory(tmp_path)  # a models dir that does not exist stops the start (test_settings.py)
     assert client.get("/models").json() == {"models": []}
     assert client.get("/v2/health/live").status_code == 200
 

@@ -103,6 +103,42 @@ def test_an_unusable_value_stops_the_start_with_one_line_naming_the_setting(tmp_
     assert "CONSTRAINED" not in line and "CONVSERVE_:" not in line
 
 
+def start_service(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m service`` with ``args``, run to its end (a start that is refused ends at once)."""
+    return subprocess.run([sys.executable, "-m", "service", "--port", "0", *args], env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("via", ["flag", "environment"])
+def test_a_models_dir_that_does_not_exist_stops_the_start_naming_the_setting_and_the_path(tmp_path, via):
+    missing = tmp_path / "nonexistent"
+    result = (start_service("--models-dir", str(missing)) if via == "flag"
+              else start_service(env={"CONVSERVE_MODELS_DIR": str(missing)}))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [  # one line, no traceback
+        f"error: invalid settings: CONVSERVE_MODELS_DIR: {missing} does not exist"]
+
+
+def test_a_models_dir_that_is_a_file_stops_the_start(tmp_path):
+    (tmp_path / "models").write_text("")
+    result = start_service("--models-dir", str(tmp_path / "models"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: invalid settings: CONVSERVE_MODELS_DIR: {tmp_path / 'models'} is not a directory"]
+
+
+def test_the_tensorflow_runtime_without_an_importable_tensorflow_stops_the_start(tmp_path):
+    # A tensorflow package ahead of the installed one, failing to import as a missing or broken install does.
+    (tmp_path / "shadow" / "tensorflow").mkdir(parents=True)
+    (tmp_path / "shadow" / "tensorflow" / "__init__.py").write_text('raise ImportError("no TensorFlow here")\n')
+    result = start_service("--models-dir", str(tmp_path), "--runtime", "tensorflow",
+                           env={"PYTHONPATH": str(tmp_path / "shadow")})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: CONVSERVE_RUNTIME=tensorflow: tensorflow cannot be imported (ImportError: no TensorFlow here); "
+        "install the [tf] extra or use CONVSERVE_RUNTIME=onnx"]
+
+
 def test_a_state_store_written_by_a_newer_convserve_stops_the_start(tmp_path):
     from service.state.store import SCHEMA_VERSION, StateStore, schema_table
 
