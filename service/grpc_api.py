@@ -203,7 +203,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 requested = _requested_outputs(request, mv)
                 settings = dataplane.settings
                 if spec.datatype == "BYTES":  # encoded images (see service.decoding for where they are decoded)
-                    images = _bytes_input(spec, raw)
+                    images = _bytes_input(spec, raw, settings.max_images_per_request)
                     check_response_bytes(response_bytes(mv, len(images), [(n, True, k) for n, k in requested]),
                                          settings.max_response_bytes)
                     result = await dataplane.infer_images(mv, images, request_id=request_id)
@@ -280,15 +280,18 @@ def _numeric_input(spec: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     return shaped(array, shape, spec.name)
 
 
-def _bytes_input(spec: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[bytes]:
-    """The encoded images of a BYTES input, one per element."""
+def _bytes_input(spec: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_images: int) -> list[bytes]:
+    """The encoded images of a BYTES input, one per element; the image count is checked against the shape and
+    ``max_images`` before any element is split or copied (4.9 M empty elements once took 2.6 s to refuse)."""
     count = element_count(spec.name, list(spec.shape))
+    if count > max_images:
+        raise InvalidInput(f"{count} images exceed the limit of {max_images} per request")
     if raw is not None:
-        return split_bytes_tensor(spec.name, raw, count)
-    images = list(spec.contents.bytes_contents)
-    if len(images) != count:
-        raise InvalidInput(f"input {spec.name!r}: {len(images)} BYTES elements for a shape of {count}")
-    return images
+        return split_bytes_tensor(spec.name, raw, count)  # stops after count + 1 elements
+    sent = len(spec.contents.bytes_contents)  # the repeated field's length: no copy
+    if sent != count:
+        raise InvalidInput(f"input {spec.name!r}: {sent} BYTES elements for a shape of {count}")
+    return list(spec.contents.bytes_contents)
 
 
 def _requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[tuple[str, int]]:
