@@ -42,7 +42,7 @@ class DecodePool:
         made in the batch, ``run_rows(rows)`` one whose rows are ready; ``observe`` gets the decoding time,
         ``on_rows`` (when given) the rows the model gets."""
         opened = open_images(images, self.limits)
-        if sum(item.work for item in opened) <= self.inline_work:
+        if self.inline(opened):
             def prepare() -> np.ndarray:
                 started = time.perf_counter()
                 rows = images_to_rows(opened, spec)
@@ -52,13 +52,18 @@ class DecodePool:
                 return rows
 
             return await run_prepared(len(opened), prepare)
-        rows = await self._decode(opened, spec, observe, gone)
+        rows = await self.decode(opened, spec, observe, gone)
         if on_rows is not None:
             on_rows(rows)
         return await run_rows(rows)
 
-    async def _decode(self, opened: list[OpenedImage], spec: ImageSpec, observe: Observe,
-                      gone: Gone | None) -> np.ndarray:
+    def inline(self, opened: list[OpenedImage]) -> bool:
+        """Whether these images are cheap enough to decode where the batches run (else: :meth:`decode`)."""
+        return sum(item.work for item in opened) <= self.inline_work
+
+    async def decode(self, opened: list[OpenedImage], spec: ImageSpec, observe: Observe,
+                     gone: Gone | None) -> np.ndarray:
+        """The rows of opened images, decoded in the pool under the request's deadline."""
         deadline = time.monotonic() + self.timeout_s
         stop = threading.Event()  # set when the request no longer waits: its images are skipped
 

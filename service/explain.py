@@ -37,7 +37,7 @@ from service.errors import (
     NotExplainable,
     ServingError,
 )
-from service.preprocessing import preprocess
+from service.preprocessing import images_to_rows, open_images
 from service.repository import ModelVersion
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"})
@@ -331,12 +331,20 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
     occlusion = occlusion_for(spec.height, spec.width)
     threads = dataplane.settings.inference_threads
     made: dict[str, Any] = {}
+    # As for predictions: the headers first, then a large image is decoded in the decode pool under the request's
+    # deadline, never where the batches run (the worker's event loop, with the defaults).
+    opened = open_images([image], dataplane.image_limits)
+    decoded = None
+    if not dataplane.decoder.inline(opened):
+        decoded = (await dataplane.decoder.decode(opened, spec, version_metrics.preprocess_latency.observe, gone))[0]
 
     def prepare() -> np.ndarray:  # where the version's batches run
         maps = feature_maps_of(mv, threads)  # first: a model without conv layers is refused before decoding
-        started = time.perf_counter()
-        row = preprocess(image, spec, dataplane.image_limits)
-        version_metrics.preprocess_latency.observe(time.perf_counter() - started)
+        row = decoded
+        if row is None:
+            started = time.perf_counter()
+            row = images_to_rows(opened, spec)[0]
+            version_metrics.preprocess_latency.observe(time.perf_counter() - started)
         made["row"], made["baseline"] = row, background(row, spec.digit)
         made["feature_maps"] = []
         for layer, activations in zip(maps.layers, maps.run(row)):

@@ -181,6 +181,70 @@ class TestSlowDecodesDoNotBlockOthers:
         assert_still_serving(lenient)
 
 
+class TestExplainDecodesInThePool:
+    """Issue 33, class 1: /explain decoded inline where the version's batches run (the worker's event loop with the
+    defaults): a 148 KB flat 5000x5000 progressive JPEG of 32 scans, within every limit, froze every other client
+    of that worker for 1.65 s, /v2/health/live included. It now goes to the decode pool like a prediction's large
+    image. Other clients hold keep-alive connections opened beforehand (a new connection would simply be accepted
+    by the idle worker): with eight of them, some are on the explaining worker. The bound is relative to the
+    explanation's own duration, measured in the same run."""
+
+    CLIENTS = 8
+
+    @staticmethod
+    def probe(client: httpx.Client, stop, latencies: list[float], errors: list[str]) -> None:
+        import time
+
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                status = client.get("/v2/health/live").status_code
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+                continue
+            latencies.append(time.perf_counter() - started)
+            if status != 200:
+                errors.append(f"live answered {status}")
+            time.sleep(0.01)
+
+    def test_a_large_image_to_explain_does_not_hold_up_other_clients(self, server, assert_still_serving):
+        import threading
+        import time
+
+        big = progressive_jpeg(5000, 22)  # the encoder's 10 scans + 22 = 32, the scan limit
+        assert len(big) < 200_000
+        clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(self.CLIENTS)]
+        for client in clients:  # each connection is accepted by one worker now, and stays with it
+            assert client.get("/v2/health/live").status_code == 200
+        latencies: list[list[float]] = [[] for _ in clients]
+        errors: list[str] = []
+        stop = threading.Event()
+        probers = [threading.Thread(target=self.probe, args=(c, stop, seen, errors), daemon=True)
+                   for c, seen in zip(clients, latencies)]
+        for prober in probers:
+            prober.start()
+        try:
+            time.sleep(0.3)
+            idle = [len(seen) for seen in latencies]
+            started = time.perf_counter()
+            response = httpx.post(f"{server.url}/models/mnist/explain", content=big,
+                                  headers={"content-type": "image/jpeg"}, timeout=120)
+            took = time.perf_counter() - started
+        finally:
+            stop.set()
+            for prober in probers:
+                prober.join(timeout=30)
+            for client in clients:
+                client.close()
+        assert response.status_code == 200, response.text
+        assert response.json()["saliency"]["shape"] == [28, 28]
+        during = [max(seen[start:], default=took) for seen, start in zip(latencies, idle)]
+        assert errors == [], errors
+        assert took > 0.3, f"the image decoded in {took:.2f} s: too cheap to show a stall"
+        assert max(during) < 0.5 * took, (during, took)
+        assert_still_serving(server)
+
+
 # --- 6. Pixels per request ---------------------------------------------------------------------------
 
 class TestRequestPixelBudget:
