@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from service import grpc_api, workers
 from service.app import create_app
+from service.http_protocol import ServiceHttpProtocol
 from service.runtimes import runtime_problem
 from service.settings import Settings
 from service.state.store import StateStore, StateStoreError
@@ -126,6 +127,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, freeze_startup=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
+                            http=ServiceHttpProtocol,
                             timeout_graceful_shutdown=settings.drain_seconds)
     server = Server(config, app, settings.shutdown_delay_seconds)
     # After its graceful shutdown uvicorn re-raises the signal into the handler that was there before it

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
-from service import __version__, grpc_api
+from service import __version__, grpc_api, http_protocol
 from service.cluster import Cluster, WorkerCluster
 from service.dataplane import DataPlane
 from service.errors import (
@@ -30,7 +30,7 @@ from service.errors import (
     validation_error_handler,
 )
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware, configure_logging
+from service.middleware import RequestContextMiddleware, configure_logging, malformed_recorder
 from service.repository import ModelRepository
 from service.rest import docs, explain, feedback, images, rollout, tfserving, v2, web
 from service.rest import repository as repository_api
@@ -173,4 +173,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
                        routes=[route for router in (images.router, explain.router, v2.router, tfserving.router)
                                for route in router.routes])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
+    http_protocol.on_malformed(malformed_recorder(metrics, settings.access_log))
     return app

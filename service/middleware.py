@@ -11,6 +11,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -143,3 +144,17 @@ class RequestContextMiddleware:
                 "status": status, "duration_ms": round(elapsed * 1000, 3),
                 "client": (scope.get("client") or ("", 0))[0],
             })
+
+
+def malformed_recorder(metrics: Metrics, log_requests: bool) -> Callable[[str, str, str], None]:
+    """What a request uvicorn's parser refused before any app saw it (``service.http_protocol``) leaves behind: a
+    count and an access-log line, like any other answer."""
+    counter = metrics.http_requests.labels("other", "unmatched", "400")
+
+    def record(request_id: str, reason: str, client: str) -> None:
+        counter.inc()
+        if log_requests:
+            access_log.info("request", extra={"request_id": request_id, "method": "", "path": "", "route": "unmatched",
+                                              "status": 400, "duration_ms": 0.0, "client": client, "error": reason})
+
+    return record

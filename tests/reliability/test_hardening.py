@@ -816,6 +816,51 @@ def recorded_to_thread(seen: list):
     return to_thread
 
 
+class TestMalformedHttpIsAnsweredLikeAnyError:
+    """Issue 33, class 8: requests uvicorn's own parser refuses (two Content-Lengths, Content-Length with
+    Transfer-Encoding, a signed Content-Length, a broken request line) were answered 400 text/plain, with no JSON
+    body, no X-Request-ID and no count. Now: JSON, a request id, the connection closed, and counted in
+    ``convserve_http_requests_total{method="other",route="unmatched",status="400"}``."""
+
+    REQUESTS = {
+        "two content-lengths": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                               b"Content-Length: 3\r\n\r\nab",
+        "content-length and chunked": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\nab",
+        "signed content-length": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nab",
+        "no request line": b"GARBAGE\r\n\r\n",
+        "a control character in a header": b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n",
+    }
+
+    @staticmethod
+    def exchange(url: str, raw: bytes) -> bytes:
+        import socket
+        from urllib.parse import urlparse
+
+        address = urlparse(url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after its answer
+                answer += chunk
+        return answer
+
+    def test_each_is_a_json_400_with_a_request_id_and_counted(self, server, assert_still_serving):
+        series = 'convserve_http_requests_total{method="other",route="unmatched",status="400"}'
+        before = server.metric(series)
+        for name, raw in self.REQUESTS.items():
+            head, _, body = self.exchange(server.url, raw).partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            assert lines[0].startswith("HTTP/1.1 400"), (name, lines[0])
+            assert headers["content-type"] == "application/json", (name, headers)
+            assert re.fullmatch(r"[0-9a-f]{16}", headers["x-request-id"]), (name, headers)
+            assert headers["connection"] == "close"
+            assert json.loads(body)["error"].startswith("malformed HTTP request"), (name, body)
+        assert server.metric(series) == before + len(self.REQUESTS)
+        assert_still_serving(server)
+
+
 # --- 8. Metric labels ----------------------------------------------------------------------------------------
 
 class TestClosedMetricLabels:
