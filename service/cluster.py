@@ -163,6 +163,7 @@ class WorkerCluster(Cluster):
         self.applied = 0
         self._joined_at = 0
         self._ready: Callable[[], bool] = lambda: False
+        self._started = False
         self._lock = asyncio.Lock()  # commands apply one at a time, in order
         self._outcomes: dict[int, BaseException | None] = {}  # this worker's own commands, for their callers
         self._errors: dict[str, str] = {}  # generation -> why applying it failed here
@@ -186,6 +187,7 @@ class WorkerCluster(Cluster):
 
     def start(self, ready: Callable[[], bool]) -> None:
         self._ready = ready
+        self._started = True  # from here on this worker accepts connections: its readiness counts
         self.applied = max(self.applied, self._joined_at)
         self._publish()
         self._task = asyncio.create_task(self._follow())
@@ -285,14 +287,30 @@ class WorkerCluster(Cluster):
     # Readiness ---------------------------------------------------------------------------------
 
     def ready(self) -> bool:
+        """Whether the pod can serve. Until it first could: every expected worker is up and ready. From then on:
+        every worker that serves is ready, and at least one does; a dead worker (gone at once from the statuses)
+        and its replacement while it loads (it accepts no connection before its models are loaded) do not count,
+        so one worker's death does not take the whole pod out of its load balancer."""
         if (self.directory / "draining").exists():
             return False
+        statuses = self._serving()
+        return bool(statuses) and all(s["ready"] for s in statuses)
+
+    def _serving(self) -> list[dict[str, Any]]:
+        """The statuses readiness is judged on; [] when the pod cannot be ready yet."""
         statuses = self._statuses()
-        return self._all_present(statuses) and all(s["ready"] for s in statuses)
+        served = self.directory / "served"
+        if served.exists():
+            return [s for s in statuses if s.get("started")]
+        if not (self._all_present(statuses) and statuses and all(s["ready"] for s in statuses)):
+            return []
+        with contextlib.suppress(OSError):
+            served.touch()  # the pod has served: from now on, a worker's replacement does not unready it
+        return statuses
 
     def model_ready(self, name: str, version: str | None) -> bool:
-        statuses = self._statuses()
-        if not self._all_present(statuses):
+        statuses = self._serving()
+        if not statuses:
             return False
         for status in statuses:
             versions = status["models"].get(name) or []
@@ -319,6 +337,7 @@ class WorkerCluster(Cluster):
         status = {
             "pid": self.pid,
             "ready": bool(self._ready()),
+            "started": self._started,
             "generation": self.applied,
             "models": {m.name: [v.version for v in m.ready_versions()] for m in self.repository.models()},
             "errors": dict(self._errors),
