@@ -236,3 +236,54 @@ def test_base64_data_url_from_a_browser_is_accepted(http, server, digits, assert
     assert response.status_code == 200
     assert response.json()["predictions"][0]["class_id"] == label
     assert_still_serving(server)
+
+
+def rle_bmp(width: int, height: int, rows: bytes, bits: int = 8) -> bytes:
+    """A BMP compressed as RLE8 (bits 8) or RLE4 (bits 4) with a grey palette; ``rows`` is its RLE stream."""
+    import struct
+
+    colours = 1 << bits
+    palette = b"".join(struct.pack("<BBBB", i * 255 // (colours - 1), i * 255 // (colours - 1),
+                                   i * 255 // (colours - 1), 0) for i in range(colours))
+    data = rows + b"\x00\x01"  # end of bitmap
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, 1 if bits == 8 else 2, len(data), 2835, 2835,
+                       colours, 0)
+    return struct.pack("<2sIHHI", b"BM", offset + len(data), 0, 0, offset) + info + palette + data
+
+
+class TestCostlyDecoders:
+    """Issue 33, class 9: Pillow decodes RLE-compressed BMP in Python, pixel by pixel where a row ends early (2 bytes
+    of end-of-line pad a whole row) and in RLE4 runs: a 10 KB RLE8 BMP declaring 5000x5000 took seconds of a decode
+    thread. Such an image now counts as 100 pixels of work per pixel and may declare at most a hundredth of the
+    pixel limit; other formats are unchanged."""
+
+    @pytest.mark.parametrize("bits", [8, 4])
+    def test_a_large_rle_bmp_is_413_before_decoding(self, bits, http, server, assert_error, assert_still_serving):
+        import time
+
+        attack = rle_bmp(5000, 5000, b"\x00\x00" * 5000, bits)  # an end-of-line per row: all padding
+        assert len(attack) < 12_000
+        started = time.perf_counter()
+        response = upload(http, attack, "image/bmp")
+        took = time.perf_counter() - started
+        assert_error(response, 413, "5000x5000 pixels compressed as bmp_rle", "for that encoding")
+        assert took < 1.0, took  # refused from its header: decoding it took seconds
+        assert_still_serving(server)
+
+    @pytest.mark.parametrize("bits", [8, 4])
+    def test_a_small_rle_bmp_is_decoded_and_classified(self, bits, http, server, gray_digits, assert_still_serving):
+        gray, label = gray_digits[0]
+        levels = (1 << bits) - 1
+        pixels = np.asarray(gray.convert("L"), np.uint8)[::-1]  # BMP rows go bottom up
+        rows = b""
+        for row in pixels:  # one run per pixel, then end of line
+            for value in row:
+                index = int(round(int(value) * levels / 255))
+                rows += bytes([1, index if bits == 8 else index << 4])
+            rows += b"\x00\x00"
+        image = rle_bmp(gray.width, gray.height, rows, bits)
+        response = upload(http, image, "image/bmp")
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["class_id"] == label
+        assert_still_serving(server)
