@@ -127,7 +127,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, freeze_startup=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             log_config=UVICORN_LOG_CONFIG, access_log=False, server_header=False,
-                            http=ServiceHttpProtocol,
+                            http=ServiceHttpProtocol, limit_concurrency=settings.max_connections,
                             timeout_graceful_shutdown=settings.drain_seconds)
     server = Server(config, app, settings.shutdown_delay_seconds)
     # After its graceful shutdown uvicorn re-raises the signal into the handler that was there before it

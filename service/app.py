@@ -174,4 +174,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
                                for route in router.routes])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
     http_protocol.on_malformed(malformed_recorder(metrics, settings.access_log))
+    http_protocol.configure(settings.header_timeout_seconds)
     return app

@@ -103,6 +103,14 @@ class DeadlineExceeded(ServingError):
     status = 504
 
 
+class RequestTimeout(ServingError):
+    """The client sent its request too slowly (a stalled body): the connection is closed after the answer, since
+    the rest of the body may still come."""
+
+    status = 408
+    headers = {"Connection": "close"}
+
+
 class ClientDisconnected(ServingError):
     """The client went away before its request ran; it is dropped, not executed."""
 

@@ -1,12 +1,18 @@
-"""The HTTP protocol uvicorn runs for the service: its own, except that a request its parser refuses (two
-``Content-Length`` headers, ``Content-Length`` with ``Transfer-Encoding``, ``Content-Length: +2``, a broken request
-line) is answered like every other error: a JSON body, an ``X-Request-ID``, an access-log line and a count in
-``convserve_http_requests_total``. uvicorn answers those itself, before any ASGI app sees a request, with a
-``text/plain`` 400 and nothing else.
+"""The HTTP protocol uvicorn runs for the service: uvicorn's own httptools protocol, with two changes.
+
+- A request its parser refuses (two ``Content-Length`` headers, ``Content-Length`` with ``Transfer-Encoding``,
+  ``Content-Length: +2``, a broken request line) is answered like every other error: a JSON body, an
+  ``X-Request-ID``, an access-log line and a count in ``convserve_http_requests_total``. uvicorn answers those
+  itself, before any ASGI app sees a request, with a ``text/plain`` 400 and nothing else.
+- A request's headers must arrive within ``CONVSERVE_HEADER_TIMEOUT_SECONDS`` of its first byte (of the connection,
+  for its first request): otherwise 408 and the connection is closed. uvicorn has no such bound, so connections that
+  send nothing or half a header block stayed open for good, one file descriptor each, until ``accept`` failed for
+  everyone (slowloris). A body's progress is bounded where it is read (``service.rest.body``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -14,23 +20,73 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.middleware import new_request_id
 
-Recorder = Callable[[str, str, str], None]
+Recorder = Callable[[str, int, str, str], None]
 _recorders: list[Recorder] = []
 
 
 def on_malformed(record: Recorder) -> None:
-    """Have ``record(request_id, reason, client)`` called for every request the parser refuses (the app counts and
-    logs it): one per process, the last registered wins."""
+    """Have ``record(request_id, status, reason, client)`` called for every request answered here, before any app saw
+    it (the app counts and logs it): one per process, the last registered wins."""
     _recorders[:] = [record]
 
 
+_header_timeout = [10.0]
+
+
+def configure(header_timeout_seconds: float) -> None:
+    """The header-read bound of this process's connections (0: none)."""
+    _header_timeout[0] = header_timeout_seconds
+
+
 class ServiceHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the service's answer to a request it cannot parse."""
+    """uvicorn's httptools protocol with the service's answer to a request it cannot parse, and a header timeout."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        self._cancel_header_timer()  # the keep-alive timeout takes over between requests
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        if _header_timeout[0] > 0:
+            self._header_timer = self.loop.call_later(_header_timeout[0], self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # a request is being answered: its body's pace is bounded where it is read
+        self._send_error(408, f"request headers not received within {_header_timeout[0]:g} s",
+                         "request header timeout")
 
     def send_400_response(self, msg: str) -> None:
+        self._send_error(400, f"malformed HTTP request: {msg.rstrip('.')}", msg)
+
+    def _send_error(self, status: int, message: str, reason: str) -> None:
         request_id = new_request_id()
-        body = json.dumps({"error": f"malformed HTTP request: {msg.rstrip('.')}"}).encode()
-        content = [STATUS_LINE[400]]
+        body = json.dumps({"error": message}).encode()
+        content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend([
@@ -45,4 +101,4 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self.transport.close()
         client = self.client[0] if self.client else ""
         for record in _recorders:
-            record(request_id, msg, client)
+            record(request_id, status, reason, client)

@@ -146,15 +146,15 @@ class RequestContextMiddleware:
             })
 
 
-def malformed_recorder(metrics: Metrics, log_requests: bool) -> Callable[[str, str, str], None]:
-    """What a request uvicorn's parser refused before any app saw it (``service.http_protocol``) leaves behind: a
-    count and an access-log line, like any other answer."""
-    counter = metrics.http_requests.labels("other", "unmatched", "400")
+def malformed_recorder(metrics: Metrics, log_requests: bool) -> Callable[[str, int, str, str], None]:
+    """What a request answered by the HTTP protocol before any app saw it (``service.http_protocol``: a malformed
+    request, 400, or headers too slow, 408) leaves behind: a count and an access-log line, like any other answer."""
+    counters = {status: metrics.http_requests.labels("other", "unmatched", str(status)) for status in (400, 408)}
 
-    def record(request_id: str, reason: str, client: str) -> None:
-        counter.inc()
+    def record(request_id: str, status: int, reason: str, client: str) -> None:
+        counters[status].inc()
         if log_requests:
             access_log.info("request", extra={"request_id": request_id, "method": "", "path": "", "route": "unmatched",
-                                              "status": 400, "duration_ms": 0.0, "client": client, "error": reason})
+                                              "status": status, "duration_ms": 0.0, "client": client, "error": reason})
 
     return record

@@ -101,6 +101,16 @@ class Settings(BaseSettings):
     """A request still queued after this long is answered 504 and not executed."""
     default_top_k: int = Field(5, ge=1)
     """Classes returned per image by the image endpoints when the request does not say."""
+    header_timeout_seconds: float = Field(10.0, ge=0)
+    """A request's headers must arrive within this long of its first byte (a new connection's first request: of the
+    connection), else 408 and the connection closes; 0: no bound. Against connections that send nothing or half a
+    header block (slowloris)."""
+    body_timeout_seconds: float = Field(30.0, ge=0)
+    """Longest wait for the next piece of a request body, else 408; 0: no bound. A stalled upload otherwise holds
+    its connection, its admission and its model version for as long as the client likes."""
+    max_connections: int = Field(4096, ge=1)
+    """Connections and requests in progress per worker beyond which new requests are answered 503 (uvicorn's
+    limit_concurrency): a bound on what stalled clients can hold (file descriptors, memory)."""
     drain_seconds: float = Field(20.0, ge=0)
     """On SIGTERM, longest wait for in-flight requests before exiting; keep below the orchestrator's grace period."""
     shutdown_delay_seconds: float = Field(0.0, ge=0)

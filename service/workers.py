@@ -135,7 +135,7 @@ def serve(settings: Settings, log_config: dict[str, Any]) -> int:
             functools.partial(create_app, settings, cluster_dir=state_dir, freeze_startup=True), factory=True,
             host=settings.host, port=settings.port, workers=settings.worker_count,
             log_level=settings.log_level.lower(), log_config=log_config, access_log=False, server_header=False,
-            http=ServiceHttpProtocol,
+            http=ServiceHttpProtocol, limit_concurrency=settings.max_connections,
             timeout_graceful_shutdown=settings.drain_seconds, timeout_worker_healthcheck=HEALTHCHECK_SECONDS)
         supervisor = Supervisor(config, [config.bind_socket()], state_dir, metrics_dir,
                                 settings.shutdown_delay_seconds)

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
+from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, RequestTimeout
 from service.parsing import ascii_count
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int, idle_timeout: float | None = None) -> bytes:
+    """The whole body, refusing with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 when no part
+    of it arrives for ``idle_timeout`` seconds (default: the app's ``body_timeout_seconds``; 0: no bound)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if ascii_count(declared, "Content-Length") > limit:
             raise PayloadTooLarge(f"request body of {declared[:24]} bytes exceeds the limit of {limit} bytes")
+    if idle_timeout is None:
+        settings = getattr(request.app.state, "settings", None)
+        idle_timeout = getattr(settings, "body_timeout_seconds", 0.0)
     chunks = []
     size = 0
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await (asyncio.wait_for(anext(stream), idle_timeout) if idle_timeout else anext(stream))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestTimeout(f"no part of the request body arrived for {idle_timeout:g} s") from None
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")

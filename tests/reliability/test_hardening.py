@@ -861,6 +861,90 @@ class TestMalformedHttpIsAnsweredLikeAnyError:
         assert_still_serving(server)
 
 
+class TestSlowClientsAreCutOff:
+    """Issue 33, class 7: connections that sent nothing, half a header block, or part of a declared or chunked body
+    stayed open for good (3,000 stalled uploads held, one fd each, until accept failed for everyone). Now headers
+    must arrive within CONVSERVE_HEADER_TIMEOUT_SECONDS and each part of a body within CONVSERVE_BODY_TIMEOUT_SECONDS
+    (1 s each here; 10 and 30 by default): 408 JSON, the connection closed, its file descriptor freed."""
+
+    @pytest.fixture(scope="class")
+    def strict(self, start_server, models_root):
+        return start_server(models_root, CONVSERVE_HEADER_TIMEOUT_SECONDS="1", CONVSERVE_BODY_TIMEOUT_SECONDS="1")
+
+    STALLS = {
+        "nothing": b"",
+        "half a header block": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Ty",
+        "part of a declared body": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                   b"Content-Length: 1000\r\n\r\n\x89PNG",
+        "part of a chunked body": b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                  b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"inp\r\n",
+    }
+
+    @staticmethod
+    def stall(url: str, sent: bytes):
+        import socket
+        from urllib.parse import urlparse
+
+        address = urlparse(url)
+        sock = socket.create_connection((address.hostname, address.port), timeout=15)
+        if sent:
+            sock.sendall(sent)
+        return sock
+
+    @staticmethod
+    def answer(sock) -> bytes:
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+        sock.close()
+        return answer
+
+    @pytest.mark.parametrize("what", list(STALLS))
+    def test_a_stalled_request_is_408_and_closed(self, what, strict, assert_still_serving):
+        import time
+
+        started = time.monotonic()
+        head, _, body = self.answer(self.stall(strict.url, self.STALLS[what])).partition(b"\r\n\r\n")
+        took = time.monotonic() - started
+        assert head.startswith(b"HTTP/1.1 408"), (what, head)
+        assert b"x-request-id: " in head.lower() and b"application/json" in head
+        assert json.loads(body)["error"].startswith(("request headers not received within 1 s",
+                                                      "no part of the request body arrived for 1 s")), body
+        assert 0.8 < took < 5, took
+        assert_still_serving(strict)
+
+    def test_hundreds_of_stalled_connections_are_freed_and_others_served(self, strict, digits):
+        import time
+
+        baseline = strict.open_fds()
+        socks = [self.stall(strict.url, sent) for _ in range(75) for sent in self.STALLS.values()]
+        answered = httpx.post(f"{strict.url}/models/mnist/predict", content=digits[0][0],
+                              headers={"content-type": "image/png"}, timeout=30)
+        assert answered.status_code == 200 and answered.json()["predictions"][0]["class_id"] == digits[0][1]
+        assert all(self.answer(sock).startswith(b"HTTP/1.1 408") for sock in socks)
+        deadline = time.monotonic() + 10
+        while strict.open_fds() > baseline + 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert strict.open_fds() <= baseline + 20, (baseline, strict.open_fds())
+
+    def test_a_slow_but_steady_upload_is_served(self, strict, digits):
+        import socket
+        import time
+        from urllib.parse import urlparse
+
+        png = digits[1][0]
+        address = urlparse(strict.url)
+        with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+            sock.sendall(b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Connection: close\r\nContent-Length: " + str(len(png)).encode() + b"\r\n\r\n")
+            for i in range(0, len(png), len(png) // 4 + 1):  # four pieces, 0.5 s apart: 2 s in all, > the 1 s bound
+                sock.sendall(png[i:i + len(png) // 4 + 1])
+                time.sleep(0.5)
+            head, _, body = self.answer(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(body)["predictions"][0]["class_id"] == digits[1][1]
+
+
 # --- 8. Metric labels ----------------------------------------------------------------------------------------
 
 class TestClosedMetricLabels:
