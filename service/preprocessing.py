@@ -136,7 +136,8 @@ def load_image(img: Image.Image) -> Image.Image:
     with _decoder_errors():
         img.seek(0)  # first frame of an animation
         img.load()
-        return ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # not a copy: without in_place every image was copied
+        return img
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -184,21 +185,46 @@ def _decoder_errors() -> Iterator[None]:
         raise InvalidInput(f"corrupt or truncated image ({exc.__class__.__name__})") from None
 
 
+WIDE_BAND_ROWS = 256
+
+
+def _wide_to_gray(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float image to 8-bit L, with no temporary wider than the image's own pixels:
+    16-bit by its high byte; ``I`` and ``F`` scaled by their maximum (``F`` up to 1.0 as 0..1) in place, in float32.
+    (Through float64 and full-size temporaries a 49 KB 16-bit 5000x5000 PNG cost 678 MB.)"""
+    width, height = img.size
+    out = np.empty((height, width), np.uint8)
+    bands = [(top, min(top + WIDE_BAND_ROWS, height)) for top in range(0, height, WIDE_BAND_ROWS)]
+    if img.mode.startswith("I;16"):
+        for top, bottom in bands:  # a band at a time: numpy's copy of a band, not of the image
+            out[top:bottom] = np.asarray(img.crop((0, top, width, bottom))) >> 8
+        return Image.fromarray(out, "L")
+    peak = max((float(np.asarray(img.crop((0, top, width, bottom)), np.float32).max()) for top, bottom in bands),
+               default=1.0)
+    scale = 255.0 if img.mode == "F" and peak <= 1.0 else 255.0 / max(peak, 1.0)
+    for top, bottom in bands:
+        band = np.asarray(img.crop((0, top, width, bottom)), np.float32) * scale
+        out[top:bottom] = np.clip(band, 0, 255, out=band)
+    return Image.fromarray(out, "L")
+
+
 def to_gray_or_rgb(img: Image.Image, channels: int) -> np.ndarray:
     """Any Pillow mode to uint8 L or RGB; transparency is composited on white, 16-bit is scaled."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        if img.mode == "F" and arr.max() <= 1.0:
-            top = 1.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+        img = _wide_to_gray(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
     mode = "L" if channels == 1 else "RGB"
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Pasted through its alpha onto white in the target mode: one image of the output's size besides the input
+        # (alpha_composite needed two more RGBA copies: 300 MB for a 5000x5000 image).
+        premultiplied = img.mode in ("RGBa", "La")
+        source = img.convert("RGBA" if premultiplied or img.mode == "PA" else img.mode)
+        alpha = source.getchannel("A")
+        colour = source.convert(mode)
+        canvas = Image.new(mode, source.size, 255 if mode == "L" else (255, 255, 255))
+        canvas.paste(colour, (0, 0), alpha)
+        img = canvas
     if img.mode != mode:  # (converting to the same mode would only copy)
         img = img.convert(mode)
     arr = np.asarray(img, dtype=np.uint8)
@@ -335,9 +361,30 @@ def preprocess(data: bytes, spec: ImageSpec, limits: ImageLimits) -> np.ndarray:
         opened.image.close()
 
 
+REDUCE_ABOVE = 2048
+"""Images larger than this on their longest side are first box-reduced (Pillow's ``reduce``) to at most it: every
+model input is tens of pixels a side, and the conversions after decoding (mode, compositing, the digit's
+normalisation) would otherwise each make a full-size copy: hundreds of MB for one 5000x5000 upload."""
+
+
+def reduced(img: Image.Image) -> Image.Image:
+    """``img`` box-reduced by a whole factor so that its longest side is at most :data:`REDUCE_ABOVE`."""
+    factor = -(-max(img.size) // REDUCE_ABOVE)
+    if factor <= 1:
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce does not take (P, 1, ...): converted at full size, as before
+        return img
+
+
 def _to_row(opened: Image.Image, spec: ImageSpec) -> np.ndarray:
     img = load_image(opened)
     try:
+        small = reduced(img)
+        if small is not img:
+            img.close()
+            img = small
         return image_to_input(img, spec)
     except (ValueError, OSError):  # a mode Pillow cannot convert (LAB, ...): a bad upload, not a server fault
         target = "grayscale" if spec.channels == 1 else "RGB"

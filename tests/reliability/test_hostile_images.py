@@ -8,6 +8,7 @@ import base64
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,50 @@ class TestCostlyDecoders:
         assert response.status_code == 200, response.text
         assert response.json()["predictions"][0]["class_id"] == label
         assert_still_serving(server)
+
+
+DECODE_PEAK = """
+import sys
+from pathlib import Path
+from service.preprocessing import ImageLimits, ImageSpec, images_to_rows, open_images
+data = Path(sys.argv[1]).read_bytes()
+def status(key):
+    return int(Path("/proc/self/status").read_text().split(key + ":")[1].split()[0]) // 1024
+start = status("VmHWM")
+rows = images_to_rows(open_images([data], ImageLimits(10**8, 25_000_000)), ImageSpec(28, 28, 1, True))
+print(status("VmHWM") - start, int(rows.argmax()))
+"""
+
+
+class TestDecodedMemoryIsBounded:
+    """Issue 33, class 5: pixel limits did not bound bytes. A 49 KB 16-bit 5000x5000 PNG went through float64 and
+    several full-size temporaries (+678 MB), RGBA through two more RGBA copies. Now 16-bit takes its high byte,
+    I and F are scaled in place in float32, transparency is pasted through its alpha, and anything over 2048 pixels
+    a side is box-reduced first. Measured as the peak RSS (VmHWM) a fresh process adds while it decodes one image,
+    against the image's own decoded size, which no decoder can avoid."""
+
+    @pytest.mark.parametrize("kind", ["16-bit", "RGBA", "float"])
+    def test_decoding_a_5000x5000_image_costs_about_its_own_size(self, kind, tmp_path):
+        import subprocess
+        import sys
+
+        size = 5000
+        if kind == "16-bit":
+            pixels = np.zeros((size, size), np.uint16)
+            pixels[2000:3000, 2400:2600] = 60000
+            image, decoded_mb = Image.fromarray(pixels), size * size * 2 / 2**20
+            data = encode(image, "PNG")
+        elif kind == "RGBA":
+            image, decoded_mb = Image.new("RGBA", (size, size), (0, 0, 0, 0)), size * size * 4 / 2**20
+            data = encode(image, "PNG")
+        else:
+            image, decoded_mb = Image.new("F", (size, size), 0.0), size * size * 4 / 2**20
+            data = encode(image, "TIFF", compression="tiff_deflate")
+        path = tmp_path / "image"
+        path.write_bytes(data)
+        assert len(data) < 2_000_000
+        done = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(path)], capture_output=True, text=True,
+                              timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert done.returncode == 0, done.stderr
+        peak_mb = int(done.stdout.split()[0])
+        assert peak_mb < 2 * decoded_mb + 50, (kind, peak_mb, decoded_mb)  # before: 676 MB for the 16-bit one
