@@ -765,6 +765,17 @@ class TestJsonDataBoundedByItsShape:
         assert seconds < 3 * baseline_s + 0.25, (seconds, baseline_s)
         assert_still_serving(server)
 
+    def test_image_json_with_too_many_images_is_refused_before_decoding_them(self, http, server, assert_error,
+                                                                             assert_still_serving):
+        body = json.dumps({"images": [""] * self.ROWS}).encode()  # 400,000 empty strings: 1.6 MB
+        other = json.dumps({"imgs": [""] * self.ROWS}).encode()  # the same size, refused right after parsing
+        baseline, baseline_s = self.timed(http, "/models/mnist/predict", other)
+        assert baseline.status_code == 400, baseline.text
+        response, seconds = self.timed(http, "/models/mnist/predict", body)
+        assert_error(response, 400, f"{self.ROWS} images exceed the limit of 64 per request")
+        assert seconds < 3 * baseline_s + 0.25, (seconds, baseline_s)
+        assert_still_serving(server)
+
     def test_nested_data_of_the_right_size_is_served(self, http, server, digits, assert_still_serving):
         rows, labels = digit_rows(digits, 8)
         response = http.post(V2, json={"inputs": [{"name": "image", "shape": [8, 28, 28, 1], "datatype": "FP32",
