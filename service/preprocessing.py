@@ -218,11 +218,17 @@ def to_gray_or_rgb(img: Image.Image, channels: int) -> np.ndarray:
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Pasted through its alpha onto white in the target mode: one image of the output's size besides the input
         # (alpha_composite needed two more RGBA copies: 300 MB for a 5000x5000 image).
+        # The background contrasts with what is drawn: white, unless the opaque pixels are light (white ink on a
+        # transparent background, which on white would be a blank image answered with confidence), then black.
         premultiplied = img.mode in ("RGBa", "La")
         source = img.convert("RGBA" if premultiplied or img.mode == "PA" else img.mode)
         alpha = source.getchannel("A")
         colour = source.convert(mode)
-        canvas = Image.new(mode, source.size, 255 if mode == "L" else (255, 255, 255))
+        weights = np.asarray(alpha, np.float32)
+        drawn = float(weights.sum())
+        light = drawn > 0 and float((np.asarray(colour.convert("L"), np.float32) * weights).sum()) / drawn > 127.5
+        paper = 0 if light else 255
+        canvas = Image.new(mode, source.size, paper if mode == "L" else (paper,) * 3)
         canvas.paste(colour, (0, 0), alpha)
         img = canvas
     if img.mode != mode:  # (converting to the same mode would only copy)

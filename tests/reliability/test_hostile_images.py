@@ -163,6 +163,13 @@ def rgba_ink(gray: Image.Image) -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
+def white_ink(gray: Image.Image) -> Image.Image:
+    """White strokes whose alpha is the digit, on a fully transparent background (a drawing app's export)."""
+    rgba = np.full((*np.asarray(gray).shape, 4), 255, np.uint8)
+    rgba[..., 3] = np.asarray(gray)
+    return Image.fromarray(rgba, "RGBA")
+
+
 def la_ink(gray: Image.Image) -> Image.Image:
     la = np.zeros((*np.asarray(gray).shape, 2), np.uint8)
     la[..., 1] = np.asarray(gray)
@@ -196,6 +203,7 @@ def animated(gray: Image.Image) -> bytes:
 VARIANTS = {
     "RGBA ink on transparent": lambda g: encode(rgba_ink(g), "PNG"),
     "LA ink on transparent": lambda g: encode(la_ink(g), "PNG"),
+    "white ink on transparent": lambda g: encode(white_ink(g), "PNG"),
     "P (palette)": lambda g: encode(g.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG"),
     "P with a transparent entry": palette_with_transparency,
     "I;16": sixteen_bit,
