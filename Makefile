@@ -46,8 +46,9 @@ system-deps:
 test: $(VENV)/.dev system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Benchmarks (never part of the tests): ours vs raw onnxruntime and peer servers, on this machine.
-bench: $(VENV)/.dev
+# Benchmarks (never part of the tests): ours vs raw onnxruntime and peer servers, on this machine (the load
+# generator, wrk, is one of the system packages).
+bench: $(VENV)/.dev system-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.dev

@@ -10,8 +10,8 @@
 # What stays missing is named: on a developer's machine the tests that need it skip with that reason,
 # and this exits 0; under CI (CI=true) nothing may be skipped, so this exits 1 (and those tests fail).
 set -u
-PACKAGES=(prometheus chromium chromium-driver docker-compose podman runc debootstrap postgresql)
-COMMANDS=(prometheus chromium chromedriver docker-compose podman runc debootstrap pg_ctlcluster)
+PACKAGES=(prometheus chromium chromium-driver docker-compose podman runc debootstrap postgresql wrk)
+COMMANDS=(prometheus chromium chromedriver docker-compose podman runc debootstrap pg_ctlcluster wrk)
 # The role and database tests/support/postgres.py connects to (CONVSERVE_TEST_POSTGRES_URL overrides it).
 PG_ROLE=convserve_test
 PG_PASSWORD=convserve_test

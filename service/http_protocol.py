@@ -42,22 +42,29 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the service's answer to a request it cannot parse, and a header timeout."""
 
     _header_timer: asyncio.TimerHandle | None = None
+    _in_headers = False
+
+    # The timer costs a few microseconds to arm and cancel, so it is armed only where headers are actually awaited:
+    # once per connection (a client may send nothing at all), and after a read that left a request's headers
+    # incomplete. A request whose headers arrive in one read, nearly all of them, arms nothing.
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_headers and self._header_timer is None and not self.transport.is_closing():
+            self._arm_header_timer()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm_header_timer()
+        self._in_headers = True
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         self._cancel_header_timer()
         super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        self._cancel_header_timer()  # the keep-alive timeout takes over between requests
-        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -77,6 +84,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return  # a request is being answered: its body's pace is bounded where it is read
+        if self.cycle is not None and not self._in_headers:
+            return  # idle between requests: uvicorn's keep-alive timeout closes the connection
         self._send_error(408, f"request headers not received within {_header_timeout[0]:g} s",
                          "request header timeout")
 

@@ -23,26 +23,45 @@ async def read_body(request: Request, limit: int, idle_timeout: float | None = N
     if idle_timeout is None:
         settings = getattr(request.app.state, "settings", None)
         idle_timeout = getattr(settings, "body_timeout_seconds", 0.0)
-    chunks = []
-    size = 0
-    stream = request.stream().__aiter__()
+    cycle = getattr(request.receive, "__self__", None)  # uvicorn's request cycle: the body it has received so far
+    if cycle is not None and getattr(cycle, "more_body", True) is False:
+        idle_timeout = 0  # all of it is here already (nearly every request): nothing to wait for, no timer to arm
+    chunks: list[bytes] = []
     try:
-        while True:
-            try:
-                chunk = await (asyncio.wait_for(anext(stream), idle_timeout) if idle_timeout else anext(stream))
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise RequestTimeout(f"no part of the request body arrived for {idle_timeout:g} s") from None
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+        if idle_timeout:
+            await _read_timed(request, limit, idle_timeout, chunks)
+        else:
+            await _read(request, limit, chunks)
+    except TimeoutError:
+        raise RequestTimeout(f"no part of the request body arrived for {idle_timeout:g} s") from None
     except ClientDisconnect:  # gone mid-upload: a client's doing (499), not a server error with a traceback
         raise ClientDisconnected("client disconnected while sending the request body") from None
     body = b"".join(chunks)
     request._body = body  # later parsers (multipart) read the cached body
     return body
+
+
+async def _read(request: Request, limit: int, chunks: list[bytes]) -> None:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+
+
+async def _read_timed(request: Request, limit: int, idle_timeout: float, chunks: list[bytes]) -> None:
+    """:func:`_read` under one timer for the whole read, pushed back by every piece that arrives (a task or a timer
+    per piece would cost more than reading a small body); TimeoutError when a piece is late."""
+    loop = asyncio.get_running_loop()
+    size = 0
+    async with asyncio.timeout_at(loop.time() + idle_timeout) as timer:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            timer.reschedule(loop.time() + idle_timeout)
 
 
 def parse_json(data: bytes | memoryview) -> Any:

@@ -887,6 +887,8 @@ class TestSlowClientsAreCutOff:
         "half a header block": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Ty",
         "part of a declared body": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                                    b"Content-Length: 1000\r\n\r\n\x89PNG",
+        "a declared body, none of it sent": b"POST /models/mnist/predict HTTP/1.1\r\nHost: x\r\n"
+                                            b"Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n",
         "part of a chunked body": b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                                   b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"inp\r\n",
     }
