@@ -84,13 +84,17 @@ def score(url: str, images: np.ndarray, labels: np.ndarray, angle: float = ANGLE
     return right / len(labels), versions
 
 
-def followed(url: str, image: bytes, version: str, timeout: float = 30) -> None:
-    """Until every worker answers with ``version``: each follows a decision at its next sync
+def followed(url: str, image: bytes, version: str, timeout: float = 30) -> bool:
+    """Wait until every worker answers with ``version`` (50 answers in a row, a connection each, so they spread over
+    the workers); False if that took longer than ``timeout``. Each worker follows a decision at its next sync
     (``CONVSERVE_ROLLOUT_SYNC_SECONDS``), so for up to a second some answers still come from the old stable."""
     deadline, streak = time.monotonic() + timeout, 0
-    while streak < 50 and time.monotonic() < deadline:  # a connection each: they spread over the workers
+    while streak < 50:
+        if time.monotonic() >= deadline:
+            return False
         r = httpx.post(f"{url}/models/mnist/predict", content=image, headers={"Content-Type": "image/png"}, timeout=30)
         streak = streak + 1 if r.headers.get("x-model-version") == version else 0
+    return True
 
 
 def mixed_traffic(url: str, pngs: list[bytes], stop: threading.Event, clients: int = 4) -> None:
@@ -164,7 +168,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                 stop.set()
                 worker.join(timeout=60)
             rollout_wall = time.monotonic() - started
-            followed(url, pool[0], rollout["stable"])
+            if not followed(url, pool[0], rollout["stable"]):
+                say("   not every worker answers with the decided version yet: the figures below may mix versions")
             after, versions = score(url, test_x, test_y)
             plain, plain_versions = score(url, x_test[1000:1000 + args.score], y_test[1000:1000 + args.score],
                                           angle=0)

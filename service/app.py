@@ -173,6 +173,5 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
                        routes=[route for router in (images.router, explain.router, v2.router, tfserving.router)
                                for route in router.routes])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
-    http_protocol.on_malformed(malformed_recorder(metrics, settings.access_log))
-    http_protocol.configure(settings.header_timeout_seconds)
+    http_protocol.configure(settings.header_timeout_seconds, malformed_recorder(metrics, settings.access_log))
     return app

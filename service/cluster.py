@@ -302,7 +302,7 @@ class WorkerCluster(Cluster):
         served = self.directory / "served"
         if served.exists():
             return [s for s in statuses if s.get("started")]
-        if not (self._all_present(statuses) and statuses and all(s["ready"] for s in statuses)):
+        if not (self._all_present(statuses) and all(s["ready"] for s in statuses)):
             return []
         with contextlib.suppress(OSError):
             served.touch()  # the pod has served: from now on, a worker's replacement does not unready it

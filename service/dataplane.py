@@ -34,7 +34,7 @@ from service.errors import (
     ServingError,
     Unauthorized,
 )
-from service.limits import finite_outputs
+from service.limits import check_images, finite_outputs
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
 from service.repository import VERSION_LABELS, Model, ModelRepository, ModelVersion, VersionStatus
@@ -294,9 +294,7 @@ class DataPlane:
         """Infer on encoded images as one request; see :mod:`service.decoding` for where they are decoded."""
         if not images:
             raise InvalidInput("no images in the request")
-        if len(images) > self.settings.max_images_per_request:
-            raise InvalidInput(f"{len(images)} images exceed the limit of "
-                               f"{self.settings.max_images_per_request} per request")
+        check_images(len(images), self.settings.max_images_per_request)
         metrics = mv.metrics
         keep = request_id is not None and self._keep_inputs()
         target = self.rollouts.mirror_target(mv) if self.rollouts.active else None

@@ -21,21 +21,15 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service.middleware import new_request_id
 
 Recorder = Callable[[str, int, str, str], None]
-_recorders: list[Recorder] = []
+_header_timeout = 10.0
+_record: Recorder | None = None
 
 
-def on_malformed(record: Recorder) -> None:
-    """Have ``record(request_id, status, reason, client)`` called for every request answered here, before any app saw
-    it (the app counts and logs it): one per process, the last registered wins."""
-    _recorders[:] = [record]
-
-
-_header_timeout = [10.0]
-
-
-def configure(header_timeout_seconds: float) -> None:
-    """The header-read bound of this process's connections (0: none)."""
-    _header_timeout[0] = header_timeout_seconds
+def configure(header_timeout_seconds: float, record: Recorder) -> None:
+    """This process's header-read bound (0: none), and ``record(request_id, status, reason, client)``, called for
+    every request answered here before any app saw it (the app counts and logs it)."""
+    global _header_timeout, _record
+    _header_timeout, _record = header_timeout_seconds, record
 
 
 class ServiceHttpProtocol(HttpToolsProtocol):
@@ -72,8 +66,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
-        if _header_timeout[0] > 0:
-            self._header_timer = self.loop.call_later(_header_timeout[0], self._headers_too_slow)
+        if _header_timeout > 0:
+            self._header_timer = self.loop.call_later(_header_timeout, self._headers_too_slow)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -86,7 +80,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             return  # a request is being answered: its body's pace is bounded where it is read
         if self.cycle is not None and not self._in_headers:
             return  # idle between requests: uvicorn's keep-alive timeout closes the connection
-        self._send_error(408, f"request headers not received within {_header_timeout[0]:g} s",
+        self._send_error(408, f"request headers not received within {_header_timeout:g} s",
                          "request header timeout")
 
     def send_400_response(self, msg: str) -> None:
@@ -109,5 +103,5 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(content))
         self.transport.close()
         client = self.client[0] if self.client else ""
-        for record in _recorders:
-            record(request_id, status, reason, client)
+        if _record is not None:
+            _record(request_id, status, reason, client)

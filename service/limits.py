@@ -39,6 +39,11 @@ def check_rows(rows: int, max_rows: int) -> None:
         raise InvalidInput(f"{rows} rows exceed the limit of {max_rows} per request")
 
 
+def check_images(images: int, max_images: int) -> None:
+    if images > max_images:
+        raise InvalidInput(f"{images} images exceed the limit of {max_images} per request")
+
+
 def check_declared_shape(shape: Sequence[int], row_shape: Sequence[int], max_rows: int, where: str) -> None:
     """Refuse a declared tensor shape that holds more than ``max_rows`` rows' worth of values, before its
     data is converted (the exact shape is checked against the model afterwards)."""

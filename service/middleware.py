@@ -139,11 +139,16 @@ class RequestContextMiddleware:
             self._counters[label, template, status].inc()
             self._latencies[label, template].observe(elapsed)
         if self.log_requests:
-            access_log.info("request", extra={
-                "request_id": request_id, "method": method[:16], "path": scope["path"], "route": template,
-                "status": status, "duration_ms": round(elapsed * 1000, 3),
-                "client": (scope.get("client") or ("", 0))[0],
-            })
+            log_access(request_id, method[:16], scope["path"], template, status, elapsed,
+                       (scope.get("client") or ("", 0))[0])
+
+
+def log_access(request_id: str, method: str, path: str, route: str, status: int, elapsed: float, client: str,
+               **extra: str) -> None:
+    """One access-log line: every answer, the app's and the HTTP protocol's own."""
+    access_log.info("request", extra={"request_id": request_id, "method": method, "path": path, "route": route,
+                                      "status": status, "duration_ms": round(elapsed * 1000, 3), "client": client,
+                                      **extra})
 
 
 def malformed_recorder(metrics: Metrics, log_requests: bool) -> Callable[[str, int, str, str], None]:
@@ -154,7 +159,6 @@ def malformed_recorder(metrics: Metrics, log_requests: bool) -> Callable[[str, i
     def record(request_id: str, status: int, reason: str, client: str) -> None:
         counters[status].inc()
         if log_requests:
-            access_log.info("request", extra={"request_id": request_id, "method": "", "path": "", "route": "unmatched",
-                                              "status": status, "duration_ms": 0.0, "client": client, "error": reason})
+            log_access(request_id, "", "", "unmatched", status, 0.0, client, error=reason)
 
     return record

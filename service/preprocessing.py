@@ -199,8 +199,7 @@ def _wide_to_gray(img: Image.Image) -> Image.Image:
         for top, bottom in bands:  # a band at a time: numpy's copy of a band, not of the image
             out[top:bottom] = np.asarray(img.crop((0, top, width, bottom))) >> 8
         return Image.fromarray(out, "L")
-    peak = max((float(np.asarray(img.crop((0, top, width, bottom)), np.float32).max()) for top, bottom in bands),
-               default=1.0)
+    peak = float(img.getextrema()[1])  # Pillow's own pass over the pixels: no copy
     scale = 255.0 if img.mode == "F" and peak <= 1.0 else 255.0 / max(peak, 1.0)
     for top, bottom in bands:
         band = np.asarray(img.crop((0, top, width, bottom)), np.float32) * scale
@@ -209,15 +208,16 @@ def _wide_to_gray(img: Image.Image) -> Image.Image:
 
 
 def to_gray_or_rgb(img: Image.Image, channels: int) -> np.ndarray:
-    """Any Pillow mode to uint8 L or RGB; transparency is composited on white, 16-bit is scaled."""
+    """Any Pillow mode to uint8 L or RGB; transparency is composited on a background that contrasts with what is
+    drawn, 16-bit is scaled."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _wide_to_gray(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     mode = "L" if channels == 1 else "RGB"
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        # Pasted through its alpha onto white in the target mode: one image of the output's size besides the input
-        # (alpha_composite needed two more RGBA copies: 300 MB for a 5000x5000 image).
+        # Pasted through its alpha onto a background in the target mode: one image of the output's size besides the
+        # input (alpha_composite needed two more RGBA copies: 300 MB for a 5000x5000 image).
         # The background contrasts with what is drawn: white, unless the opaque pixels are light (white ink on a
         # transparent background, which on white would be a blank image answered with confidence), then black.
         premultiplied = img.mode in ("RGBa", "La")
@@ -226,7 +226,8 @@ def to_gray_or_rgb(img: Image.Image, channels: int) -> np.ndarray:
         colour = source.convert(mode)
         weights = np.asarray(alpha, np.float32)
         drawn = float(weights.sum())
-        light = drawn > 0 and float((np.asarray(colour.convert("L"), np.float32) * weights).sum()) / drawn > 127.5
+        luminance = colour if mode == "L" else colour.convert("L")
+        light = drawn > 0 and float((np.asarray(luminance, np.float32) * weights).sum()) / drawn > 127.5
         paper = 0 if light else 255
         canvas = Image.new(mode, source.size, paper if mode == "L" else (paper,) * 3)
         canvas.paste(colour, (0, 0), alpha)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +28,20 @@ async def read_body(request: Request, limit: int, idle_timeout: float | None = N
     if cycle is not None and getattr(cycle, "more_body", True) is False:
         idle_timeout = 0  # all of it is here already (nearly every request): nothing to wait for, no timer to arm
     chunks: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
     try:
-        if idle_timeout:
-            await _read_timed(request, limit, idle_timeout, chunks)
-        else:
-            await _read(request, limit, chunks)
+        # One timer for the whole read, pushed back by every piece that arrives (a task or a timer per piece would
+        # cost more than reading a small body), and none at all when the body is already here.
+        async with (asyncio.timeout_at(loop.time() + idle_timeout) if idle_timeout
+                    else contextlib.nullcontext()) as timer:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+                if timer is not None:
+                    timer.reschedule(loop.time() + idle_timeout)
     except TimeoutError:
         raise RequestTimeout(f"no part of the request body arrived for {idle_timeout:g} s") from None
     except ClientDisconnect:  # gone mid-upload: a client's doing (499), not a server error with a traceback
@@ -39,29 +49,6 @@ async def read_body(request: Request, limit: int, idle_timeout: float | None = N
     body = b"".join(chunks)
     request._body = body  # later parsers (multipart) read the cached body
     return body
-
-
-async def _read(request: Request, limit: int, chunks: list[bytes]) -> None:
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-
-
-async def _read_timed(request: Request, limit: int, idle_timeout: float, chunks: list[bytes]) -> None:
-    """:func:`_read` under one timer for the whole read, pushed back by every piece that arrives (a task or a timer
-    per piece would cost more than reading a small body); TimeoutError when a piece is late."""
-    loop = asyncio.get_running_loop()
-    size = 0
-    async with asyncio.timeout_at(loop.time() + idle_timeout) as timer:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            timer.reschedule(loop.time() + idle_timeout)
 
 
 def parse_json(data: bytes | memoryview) -> Any:

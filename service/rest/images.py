@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane, top_k
 from service.errors import InvalidInput, UnsupportedMediaType
-from service.limits import off_loop
+from service.limits import check_images, off_loop
 from service.parsing import positive_int
 from service.responses import json_response
 from service.rest.body import disconnect_probe, media_type, parse_json, read_body, rollout_key, version_header
@@ -63,8 +63,7 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
         payload = await off_loop(len(body), parse_json, body)  # a large body is parsed on a worker thread
         if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
             raise InvalidInput('JSON body must be {"images": ["<base64>", ...], "top_k": k}')
-        if len(payload["images"]) > max_images:  # before millions of strings are decoded
-            raise InvalidInput(f"{len(payload['images'])} images exceed the limit of {max_images} per request")
+        check_images(len(payload["images"]), max_images)  # before millions of strings are decoded
         images = []
         for i, item in enumerate(payload["images"]):
             if not isinstance(item, str):

@@ -405,20 +405,12 @@ def wait_for_candidate(url: str, version: int, timeout: float) -> dict:
 
 def rotated_digits(count: int) -> list[tuple[bytes, int]]:
     """MNIST training digits rotated by 45 degrees: traffic the bundled LeNet gets wrong about a quarter of the time."""
-    import io
-
-    from PIL import Image
-
+    from bench.refresh import png
     from training.data import load_dataset
     from training.recipes import MNIST_LABELS
 
     ds = load_dataset("mnist", (28, 28, 1), MNIST_LABELS, datasets_dir())
-    out = []
-    for image, label in zip(ds.x_train[-count:], ds.y_train[-count:]):
-        buffer = io.BytesIO()
-        Image.fromarray(image[..., 0]).rotate(45, resample=Image.Resampling.BILINEAR).save(buffer, format="PNG")
-        out.append((buffer.getvalue(), int(label)))
-    return out
+    return [(png(image), int(label)) for image, label in zip(ds.x_train[-count:], ds.y_train[-count:])]
 
 
 def test_compose_flow_refresh_learns_from_feedback_and_the_running_api_rolls_it_out(

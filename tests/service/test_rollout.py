@@ -10,7 +10,6 @@ import base64
 import io
 import re
 import shutil
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from PIL import Image
 
 from tests.support.postgres import fresh_database
 from tests.support.server import ServiceProcess, free_port
+from tests.support.traffic import Traffic
 
 ADMIN = {"Authorization": "Bearer rollout-token"}
 IGNORE = shutil.ignore_patterns("variables", "saved_model.pb", "fingerprint.pb", "report")
@@ -32,48 +32,6 @@ IGNORE = shutil.ignore_patterns("variables", "saved_model.pb", "fingerprint.pb",
 FAST = {"CONVSERVE_WORKERS": "2", "CONVSERVE_ROLLOUT_MIN_REQUESTS": "60", "CONVSERVE_ROLLOUT_SYNC_SECONDS": "0.25",
         "CONVSERVE_REPOSITORY_POLL_SECONDS": "0.5", "CONVSERVE_ROLLOUT_SHADOW_FRACTION": "0.5",
         "CONVSERVE_ROLLOUT_TRAFFIC": "0.5", "CONVSERVE_ADMIN_TOKEN": "rollout-token"}
-
-
-class Traffic:
-    """Clients sending MNIST digits to the unversioned route until stopped: every answer's status and version."""
-
-    def __init__(self, urls: list[str], pngs: list[bytes], clients: int = 3) -> None:
-        self.urls, self.pngs = urls, pngs
-        self.statuses: Counter[int] = Counter()
-        self.versions: Counter[str] = Counter()
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
-
-    def _run(self, seed: int) -> None:
-        with httpx.Client(timeout=30) as client:
-            i = seed
-            while not self._stop.is_set():
-                url = self.urls[i % len(self.urls)]
-                png = self.pngs[i % len(self.pngs)]
-                i += 1
-                try:
-                    r = client.post(f"{url}/models/mnist/predict", content=png, headers={"Content-Type": "image/png"})
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
-                    continue
-                self.statuses[r.status_code] += 1
-                if r.status_code == 200:
-                    self.versions[r.headers["x-model-version"]] += 1
-                    if str(r.json()["version"]) != r.headers["x-model-version"]:
-                        self.failures.append(f"X-Model-Version {r.headers['x-model-version']}: {r.text[:200]}")
-                else:
-                    self.failures.append(f"{r.status_code} {r.text[:200]}")
 
 
 def rollout(url: str) -> dict:

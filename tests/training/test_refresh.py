@@ -8,12 +8,10 @@ figures alone.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,29 +19,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
+from bench.refresh import followed, png
 from service.state.log import encoded_input
 from service.state.store import Label, Record, StateStore
 from tests.support.server import REPO_ROOT, ServiceProcess
+from tests.support.traffic import Traffic
 from training.data import Dataset, load_dataset
 from training.recipes import MNIST_LABELS, Recipe
 from training.refresh import NOT_ENOUGH_EXIT, parse_since, rebuild, stratified_split
 
-ANGLE = 45
 BUNDLED = REPO_ROOT / "models"
-
-
-def rotated_png(image: np.ndarray, angle: float = ANGLE) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0]).rotate(angle, resample=Image.Resampling.BILINEAR).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def plain_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0]).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -163,52 +149,6 @@ def test_a_candidate_no_better_on_held_out_feedback_is_refused(tmp_path: Path, m
 
 # --- the loop on a real server ----------------------------------------------------------------------------------
 
-class Mixed:
-    """Clients sending a mix of plain and rotated test digits to the unversioned route until stopped."""
-
-    def __init__(self, url: str, pngs: list[bytes]) -> None:
-        self.url, self.pngs = url, pngs
-        self.statuses: Counter[int] = Counter()
-        self.versions: Counter[str] = Counter()
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(3)]
-
-    def __enter__(self) -> Mixed:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    r = client.post(f"{self.url}/models/mnist/predict", content=self.pngs[i % len(self.pngs)],
-                                    headers={"Content-Type": "image/png", "X-Rollout-Key": f"client-{i}"})
-                except httpx.HTTPError as exc:
-                    self.errors.append(repr(exc))
-                    continue
-                i += 3
-                self.statuses[r.status_code] += 1
-                if r.status_code == 200:
-                    self.versions[r.headers["x-model-version"]] += 1
-                else:
-                    self.errors.append(f"{r.status_code} {r.text[:200]}")
-
-
-def followed(url: str, png: bytes, version: str, timeout: float = 30) -> None:
-    deadline, streak = time.monotonic() + timeout, 0
-    while streak < 50:  # a connection each: they spread over the workers
-        assert time.monotonic() < deadline, f"the workers never all answered with version {version}"
-        r = httpx.post(f"{url}/models/mnist/predict", content=png, headers={"Content-Type": "image/png"}, timeout=30)
-        streak = streak + 1 if r.headers.get("x-model-version") == version else 0
-
-
 def split_ids(models: Path) -> list[str]:
     """The held-out prediction ids a refreshed version records (``cam-<i>/0``)."""
     return json.loads((models / "mnist" / "2" / "report" / "feedback_split.json").read_text())["held_out"]
@@ -246,7 +186,7 @@ def test_the_loop_learns_rotated_digits_from_feedback_and_rolls_the_refresh_out(
         feedback, right = [], 0
         with httpx.Client(timeout=30) as client:
             for i, (image, label) in enumerate(zip(production, truth)):
-                r = client.post(f"{server.url}/models/mnist/predict", content=rotated_png(image),
+                r = client.post(f"{server.url}/models/mnist/predict", content=png(image),
                                 headers={"Content-Type": "image/png", "X-Request-Id": f"cam-{i}"})
                 assert r.status_code == 200, r.text
                 right += r.json()["predictions"][0]["class_id"] == int(label)
@@ -256,7 +196,7 @@ def test_the_loop_learns_rotated_digits_from_feedback_and_rolls_the_refresh_out(
             quality = client.get(f"{server.url}/v2/models/mnist/quality").json()
         live_v1 = right / len(truth)
         # Rotated digits that neither version trains on: v1's score now, v2's after the loop.
-        fresh_rotated = [rotated_png(x) for x in mnist.x_test[600:1000]]
+        fresh_rotated = [png(x) for x in mnist.x_test[600:1000]]
         before = accuracy_through(server.url, "/models/mnist/predict", fresh_rotated, mnist.y_test[600:1000])
         assert live_v1 < 0.9, f"v1 already answers {live_v1:.1%} of the rotated digits: no shift to learn"
         (v1,) = [v for v in quality["versions"] if v["version"] == "1"]
@@ -290,8 +230,8 @@ def test_the_loop_learns_rotated_digits_from_feedback_and_rolls_the_refresh_out(
 
         # 3. The running server rolls v2 out under mixed traffic (a third rotated digits it never saw).
         plain, rotated = mnist.x_test[:400], mnist.x_test[400:600]
-        pngs = [plain_png(x) for x in plain[:200]] + [rotated_png(x) for x in rotated[:100]]
-        with Mixed(server.url, pngs) as traffic:
+        pngs = [png(x, 0) for x in plain[:200]] + [png(x) for x in rotated[:100]]
+        with Traffic([server.url], pngs, keyed=True) as traffic:
             deadline = time.monotonic() + 240
             seen = []
             while time.monotonic() < deadline:
@@ -303,7 +243,7 @@ def test_the_loop_learns_rotated_digits_from_feedback_and_rolls_the_refresh_out(
                 time.sleep(0.25)
         assert state["stable"] == "2", f"states {seen}; {json.dumps(state)[:1500]}"
         assert "shadow" in seen and "canary" in seen, seen
-        assert traffic.errors == [] and set(traffic.statuses) == {200}, traffic.errors[:5]
+        assert traffic.failures == [] and set(traffic.statuses) == {200}, traffic.failures[:5]
         assert traffic.versions["2"] > 0
         assert state["history"][0]["decision"] == "promoted" and state["history"][0]["version"] == "2"
         assert server.metric('convserve_rollout_decisions_total{decision="promoted",model="mnist",'
@@ -311,7 +251,7 @@ def test_the_loop_learns_rotated_digits_from_feedback_and_rolls_the_refresh_out(
 
         # 4. After, on the same unseen rotated digits as before, through the server (v1 is unloaded now), once both
         # workers follow the decision (each at its next sync).
-        followed(server.url, pngs[0], "2")
+        assert followed(server.url, pngs[0], "2"), "the workers never all answered with version 2"
         after = accuracy_through(server.url, "/models/mnist/predict", fresh_rotated, mnist.y_test[600:1000])
         assert after >= before + 0.1, (before, after)
         assert promotion["candidate_accuracy"] >= promotion["incumbent_accuracy"] - 0.005
