@@ -64,8 +64,9 @@ CMD ["--help"]
 # ---------------------------------------------------------------------------------------------------------
 FROM base AS serve
 COPY pyproject.toml ./
+# The [tracing] extra (OpenTelemetry SDK + OTLP exporters) is in the image, off until CONVSERVE_TRACING=true.
 RUN mkdir -p service && touch README.md service/__init__.py \
-    && pip install . \
+    && pip install '.[tracing]' \
     && rm -rf build ./*.egg-info \
     && pip uninstall -y convserve \
     && rm -rf README.md service

@@ -12,19 +12,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Serving install: ONNX Runtime + FastAPI, no TensorFlow.
+# Serving install: ONNX Runtime + FastAPI and the OpenTelemetry SDK (off until CONVSERVE_TRACING=true), no TensorFlow.
 $(VENV)/.serve: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[tracing]'
 	touch $@
 
-# Everything the tests use: serving, training, the TensorFlow runtime and the dev tools.
+# Everything the tests use: serving, tracing, training, the TensorFlow runtime and the dev tools.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev,train,tf]'
+	$(BIN)/python -m pip install -q -e '.[dev,train,tf,tracing]'
 	touch $@ $(VENV)/.serve
 
 # Training install: the serving install plus TensorFlow, Keras, tf2onnx and matplotlib (no dev tools).
 $(VENV)/.train: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[train]'
+	$(BIN)/python -m pip install -q -e '.[train,tracing]'
 	touch $@ $(VENV)/.serve
 
 train-deps: $(VENV)/.train

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from bench.load import warm
-from bench.report import Row, machine_info, markdown_table
+from bench.report import Row, print_run
 from bench.servers import ServerSpec, running
 from bench.targets import ROOT, model_repositories
 from bench.workers import loads, rounds
@@ -68,11 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             written = counter(metrics, "convserve_prediction_log_written_total")
             dropped = counter(metrics, "convserve_prediction_log_dropped_total")
             lines.append(f"- log-on server: {written:,.0f} records written, {dropped:,.0f} dropped")
-    info = machine_info()
-    print(f"\n{info['date_utc']}, revision {info['revision']}: {info['cpu_model']}, "
-          f"load average at the end {info['load_average_at_start']}")
-    print(markdown_table(rows))
-    print("\n".join(["", *lines]))
+    print_run(rows, lines)
 
 
 if __name__ == "__main__":

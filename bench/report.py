@@ -359,3 +359,13 @@ def write_docs(path: Path, markdown: str) -> None:
             kept = old.split(KEEP_MARKER, 1)[1].lstrip("\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{markdown.rstrip()}\n\n{KEEP_MARKER}\n\n{kept}".rstrip() + "\n")
+
+
+def print_run(rows: list[Row], lines: list[str], machine: str = "") -> None:
+    """A bench module's output: the machine and revision, the table of ``rows``, then ``lines`` (its ratios).
+    ``machine`` adds to the machine's description (e.g. the usable CPUs)."""
+    info = machine_info()
+    print(f"\n{info['date_utc']}, revision {info['revision']}: {info['cpu_model']}{machine}, "
+          f"load average at the end {info['load_average_at_start']}")
+    print(markdown_table(rows))
+    print("\n".join(["", *lines]))

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench.load import warm
-from bench.report import Row, machine_info, markdown_table
+from bench.report import Row, print_run
 from bench.servers import ServerSpec, running
 from bench.targets import MODEL_DIR, ROOT
 from bench.workers import loads, rounds
@@ -100,11 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 lines.append(f"  - {mode}: {guards['candidate_answers']:,} candidate answers, "
                              f"{guards['compared']:,} rows compared, {guards['skipped']:,} copies skipped, "
                              f"agreement {guards['agreement']['value']}")
-    info = machine_info()
-    print(f"\n{info['date_utc']}, revision {info['revision']}: {info['cpu_model']}, "
-          f"load average at the end {info['load_average_at_start']}")
-    print(markdown_table(rows))
-    print("\n".join(["", *lines]))
+    print_run(rows, lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from PIL import Image
 
 from bench.floor import session
 from bench.load import UPLOAD_SCRIPT, Load, measure, warm
-from bench.report import Row, machine_info, markdown_table
+from bench.report import Row, print_run
 from bench.servers import RunningServer, ServerSpec, _rss_kb, process_tree, running
 from bench.targets import MODEL_DIR, ROOT, model_repositories
 from service.preprocessing import ImageLimits, ImageSpec, preprocess
@@ -190,11 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, processes in rss.items():
         described = ", ".join(f"{role} {mb:.0f} MB" for _, role, mb in processes)
         lines.append(f"- RSS, {key} worker(s): {described}; total {sum(mb for *_, mb in processes):.0f} MB")
-    info = machine_info()
-    print(f"\n{info['date_utc']}, revision {info['revision']}: {info['cpu_model']}, {cpus} usable CPUs "
-          f"(cgroup-aware), load average at the end {info['load_average_at_start']}")
-    print(markdown_table(rows))
-    print("\n".join(["", *lines]))
+    print_run(rows, lines, f", {cpus} usable CPUs (cgroup-aware)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from service import grpc_api, workers
+from service import grpc_api, tracing, workers
 from service.app import create_app
 from service.http_protocol import ServiceHttpProtocol
 from service.runtimes import runtime_problem
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         refuse(f"invalid settings: CONVSERVE_MODELS_DIR: {settings.models_dir} {problem}")
     if (problem := runtime_problem(settings.runtime)) is not None:
         refuse(f"CONVSERVE_RUNTIME={settings.runtime}: {problem}")
+    if (problem := tracing.problem(settings)) is not None:
+        refuse(problem)
     if settings.state_url:
         # Once, before any worker starts: the schema is created (or checked) by one process, and a store
         # that cannot be used stops the start with its reason.

@@ -12,14 +12,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
-from service import __version__, grpc_api, http_protocol
+from service import __version__, grpc_api, http_protocol, tracing
 from service.cluster import Cluster, WorkerCluster
 from service.dataplane import DataPlane
 from service.errors import (
@@ -37,6 +37,9 @@ from service.rest import repository as repository_api
 from service.rest.admission import AdmissionGate
 from service.settings import Settings
 from service.state import State
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("service.app")
 
@@ -75,13 +78,33 @@ async def _refresh_quality(dataplane: DataPlane, seconds: float) -> None:
                                                     lambda v, m=model: dataplane.version_metadata(m, v)))
 
 
+async def _flush_exemplars(metrics: Metrics) -> None:
+    """Write this worker's exemplars where a scrape answered by another worker finds them (tracing on)."""
+    if metrics.exemplars is None or not metrics.multiprocess:
+        return
+    while True:
+        await asyncio.sleep(EXEMPLAR_FLUSH_SECONDS)
+        try:
+            metrics.exemplars.flush()
+        except OSError:
+            log.warning("writing the exemplars failed")
+
+
+EXEMPLAR_FLUSH_SECONDS = 1.0
+
+
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
-               cluster_dir: Path | None = None, freeze_startup: bool = False) -> FastAPI:
+               cluster_dir: Path | None = None, freeze_startup: bool = False,
+               span_exporter: SpanExporter | None = None) -> FastAPI:
     """The app of one process; ``cluster_dir`` (set by the supervisor) makes it one of several workers;
-    ``freeze_startup`` (the server's own processes) exempts what startup made from garbage collection."""
+    ``freeze_startup`` (the server's own processes) exempts what startup made from garbage collection;
+    ``span_exporter`` (tests, tracing on) takes the spans instead of OTLP."""
     settings = settings or Settings()
     metrics = metrics or Metrics()
     configure_logging(settings.log_level)
+    tracing.setup(settings, span_exporter)  # this process's tracer (each worker exports its own spans)
+    if settings.tracing:
+        metrics.trace_exemplars()
     repository = ModelRepository(settings, metrics)
     state = State(settings, metrics) if settings.state_url else None
     dataplane = DataPlane(repository, metrics, settings, state)
@@ -113,6 +136,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
         poller = asyncio.create_task(_poll(repository, settings.repository_poll_seconds))
         gauges = asyncio.create_task(_refresh_quality(dataplane, settings.quality_refresh_seconds))
         rollouts = asyncio.create_task(dataplane.rollouts.run())
+        exemplars = asyncio.create_task(_flush_exemplars(metrics))
         grpc_server = await grpc_api.start_server(
             dataplane, metrics, settings, ready=lambda: app.state.ready and dataplane.ready() and cluster.ready(),
             cluster=cluster)
@@ -126,10 +150,13 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
             poller.cancel()
             gauges.cancel()
             rollouts.cancel()
+            exemplars.cancel()
             await repository.close()
             dataplane.close()
             if state is not None:
                 await state.close()  # writes what the prediction log still holds
+            if settings.tracing:
+                await asyncio.to_thread(tracing.shutdown)  # exports the spans still buffered
 
     app = FastAPI(
         title="convserve",
@@ -163,7 +190,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None,
     @app.get("/metrics", include_in_schema=True, tags=["observability"], summary="Prometheus metrics",
              response_class=PlainTextResponse)  # documents the text exposition format, not JSON
     async def prometheus_metrics(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics.exposition(request.headers.get("accept", ""))
+        return Response(body, headers={"content-type": content_type})
 
     app.add_exception_handler(ServingError, serving_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)

@@ -28,9 +28,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from service import tracing
 from service.errors import (
     ClientDisconnected,
     DeadlineExceeded,
@@ -75,6 +77,8 @@ class _Item:
     enqueued: float
     deadline: float
     gone: Gone | None
+    span: Any = None  # the request's span, when it is traced (service.tracing)
+    enqueued_ns: int = 0  # when it was queued, for its queue span
 
 
 @dataclass
@@ -209,6 +213,8 @@ class Batcher:
         own = client_deadline.get()
         item = _Item(n, rows, prepare, asyncio.get_running_loop().create_future(), now,
                      deadline if own is None else min(deadline, own), gone)
+        if tracing.tracer is not None and (span := tracing.current_span()) is not None:
+            item.span, item.enqueued_ns = span, time.time_ns()
         self._queue.append(item)
         self._queued_rows += n
         self._idle.clear()
@@ -241,6 +247,7 @@ class Batcher:
                 backlogged = None
             self._running = batch
             self._running_rows = sum(item.n for item in batch)
+            span = self._trace(batch) if tracing.tracer is not None else None
             try:
                 if self.config.on_loop:
                     result = self._execute(batch)
@@ -251,7 +258,11 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(InferenceFailed(f"inference failed: {exc.__class__.__name__}"))
                 self._running, self._running_rows = [], 0
+                if span is not None:
+                    tracing.end_batch(span, "error", len(batch))
                 continue
+            if span is not None:
+                tracing.end_batch(span, "partial" if result.failures else "success", len(result.failures))
             elapsed = time.monotonic() - started
             if self._queue:
                 backlogged = (started, self._running_rows, elapsed)
@@ -274,6 +285,20 @@ class Batcher:
                                             for name, array in result.outputs.items()})
                 offset += item.n
             self._running, self._running_rows = [], 0
+
+    def _trace(self, batch: list[_Item]) -> Any:
+        """The batch's span, when a request in it is traced, and each traced request's queue span (linked to it)."""
+        traced = [item for item in batch if item.span is not None]
+        if not traced:
+            return None
+        started_ns = time.time_ns()
+        model, _, version = self._name.rpartition(":")
+        span = tracing.batch_span(model, version, [item.span for item in traced], self._running_rows, started_ns)
+        span.set_attribute("convserve.batch.on_loop", self.config.on_loop)
+        context = span.get_span_context()
+        for item in traced:
+            tracing.queue_span(item.span, item.enqueued_ns, started_ns, context)
+        return span
 
     def _execute(self, batch: list[_Item]) -> _Executed:
         """Where batches run (the inference thread or the loop): prepare what needs it, then run the rows as one

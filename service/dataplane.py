@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from service import tracing
 from service.batching import Gone, Outputs
 from service.decoding import DecodePool
 from service.errors import (
@@ -211,7 +212,19 @@ class DataPlane:
     def admitted(self, name: str, version: str | None = None, key: str | None = None) -> Admission:
         """Look the version up and admit a request to it before its body is read (404, 503 otherwise);
         ``async with`` it. The version stays loaded until the block ends, even if it is unloaded meanwhile."""
-        return Admission(self.check_admission(name, version, key).hold())
+        if tracing.tracer is None:
+            return Admission(self.check_admission(name, version, key).hold())
+        with tracing.stage("admission", {"convserve.model": name}) as span:
+            mv = self.check_admission(name, version, key)
+            if span is not None:  # what the request was admitted to: on this span and on the request's
+                chosen: dict[str, Any] = {"convserve.model": mv.name, "convserve.model.version": mv.version}
+                arm = self.rollouts.arm(mv) if self.rollouts.active else None
+                if arm is not None:
+                    chosen["convserve.rollout.arm"] = arm
+                span.set_attributes(chosen)
+        if span is not None:
+            tracing.annotate(**chosen)
+        return Admission(mv.hold())
 
     def check_rows(self, mv: ModelVersion, rows: np.ndarray) -> np.ndarray:
         """Validate a tensor against the model input: [N, H, W, C] float32, finite, within limits."""

@@ -11,16 +11,22 @@ and the request's deadline runs while it waits for and occupies that pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service import tracing
 from service.batching import Gone
 from service.errors import ClientDisconnected, DeadlineExceeded
 from service.preprocessing import ImageLimits, ImageSpec, OpenedImage, images_to_rows, open_images
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 Observe = Callable[[float], None]
 
@@ -42,17 +48,23 @@ class DecodePool:
         made in the batch, ``run_rows(rows)`` one whose rows are ready; ``observe`` gets the decoding time,
         ``on_rows`` (when given) the rows the model gets."""
         opened = open_images(images, self.limits)
+        traced = tracing.current_span()  # the request's span, when it is recorded: its decoding's parent
         if self.inline(opened):
             def prepare() -> np.ndarray:
                 started = time.perf_counter()
-                rows = images_to_rows(opened, spec)
+                if traced is None:
+                    rows = images_to_rows(opened, spec)
+                else:
+                    with tracing.stage("preprocess", {"convserve.images": len(opened), "convserve.decoded_in": "batch"},
+                                       traced):
+                        rows = images_to_rows(opened, spec)
                 observe(time.perf_counter() - started)
                 if on_rows is not None:
                     on_rows(rows)
                 return rows
 
             return await run_prepared(len(opened), prepare)
-        rows = await self.decode(opened, spec, observe, gone)
+        rows = await self.decode(opened, spec, observe, gone, traced)
         if on_rows is not None:
             on_rows(rows)
         return await run_rows(rows)
@@ -62,7 +74,7 @@ class DecodePool:
         return sum(item.work for item in opened) <= self.inline_work
 
     async def decode(self, opened: list[OpenedImage], spec: ImageSpec, observe: Observe,
-                     gone: Gone | None) -> np.ndarray:
+                     gone: Gone | None, traced: Span | None = None) -> np.ndarray:
         """The rows of opened images, decoded in the pool under the request's deadline."""
         deadline = time.monotonic() + self.timeout_s
         stop = threading.Event()  # set when the request no longer waits: its images are skipped
@@ -76,7 +88,9 @@ class DecodePool:
         def decode() -> np.ndarray:
             started = time.perf_counter()
             try:
-                return images_to_rows(opened, spec, check)
+                with tracing.stage("preprocess", {"convserve.images": len(opened), "convserve.decoded_in": "pool"},
+                                   traced) if traced is not None else contextlib.nullcontext():
+                    return images_to_rows(opened, spec, check)
             finally:
                 observe(time.perf_counter() - started)
 

@@ -31,6 +31,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.unknown_fields import UnknownFieldSet
 from PIL import Image, ImageDraw, ImageFont
 
+from service import tracing
 from service.dataplane import DataPlane, error_outcome, top_k
 from service.errors import (
     InvalidInput,
@@ -336,7 +337,8 @@ async def explain(dataplane: DataPlane, mv: ModelVersion, image: bytes, k: int, 
     opened = open_images([image], dataplane.image_limits)
     decoded = None
     if not dataplane.decoder.inline(opened):
-        decoded = (await dataplane.decoder.decode(opened, spec, version_metrics.preprocess_latency.observe, gone))[0]
+        decoded = (await dataplane.decoder.decode(opened, spec, version_metrics.preprocess_latency.observe, gone,
+                                                  tracing.current_span()))[0]
 
     def prepare() -> np.ndarray:  # where the version's batches run
         maps = feature_maps_of(mv, threads)  # first: a model without conv layers is refused before decoding

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from service import __version__
+from service import __version__, tracing
 from service.batching import client_deadline
 from service.cluster import Cluster
 from service.dataplane import DataPlane, Prediction
@@ -64,6 +64,10 @@ STATUS_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED, 403: Code
                 404: Code.NOT_FOUND, 413: Code.INVALID_ARGUMENT, 415: Code.INVALID_ARGUMENT, 499: Code.CANCELLED,
                 503: Code.UNAVAILABLE, 504: Code.DEADLINE_EXCEEDED}
 UNCOUNTED = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes are not traffic
+SERVICE = "inference.GRPCInferenceService"
+SERVER_ERRORS = frozenset({Code.UNKNOWN, Code.DEADLINE_EXCEEDED, Code.UNIMPLEMENTED, Code.INTERNAL, Code.UNAVAILABLE,
+                           Code.DATA_LOSS})
+"""The codes that mark a server span as failed (OpenTelemetry's RPC conventions); the others are the client's."""
 # The typed field of InferTensorContents for each datatype (FP16 has none: it travels raw only).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -96,6 +100,9 @@ def _rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     async def wrapped(self: InferenceServicer, request: Request, context: grpc.aio.ServicerContext) -> Response:
         started = time.perf_counter()
         code = Code.OK
+        span, token = None, None
+        if tracing.tracer is not None and method not in UNCOUNTED:
+            span, token = _server_span(method, context)
         try:
             return await handler(self, request, context)
         except ServingError as exc:
@@ -115,8 +122,19 @@ def _rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
             raise
         finally:
             self.record(method, code, time.perf_counter() - started, context)
+            if span is not None:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                tracing.finish(span, token, code.name if code in SERVER_ERRORS else None)
 
     return wrapped
+
+
+def _server_span(method: str, context: grpc.aio.ServicerContext) -> tuple[Any, object]:
+    """A call's server span (RPC semantic conventions), the caller's child by its ``traceparent`` metadata."""
+    carrier = {key: value for key, value in context.invocation_metadata() or ()
+               if key in ("traceparent", "tracestate") and isinstance(value, str)}
+    return tracing.server_span(f"{SERVICE}/{method}", carrier, {
+        "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method, "client.address": context.peer()})
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -133,6 +151,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self.metrics.grpc_requests.labels(method, code.name).inc()
         self.metrics.grpc_latency.labels(method).observe(elapsed)
+        if self.metrics.exemplars is not None:
+            self.metrics.exemplars.observe("convserve_grpc_request_duration_seconds", (method,), elapsed)
         if self.log_requests:
             supplied = dict(context.invocation_metadata() or ()).get("x-request-id", "")
             access_log.info("request", extra={
@@ -208,7 +228,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          settings.max_response_bytes)
                     result = await dataplane.infer_images(mv, images, request_id=request_id)
                 else:
-                    rows = dataplane.check_rows(mv, _numeric_input(spec, raw))
+                    with tracing.stage("decode"):
+                        rows = dataplane.check_rows(mv, _numeric_input(spec, raw))
                     check_response_bytes(response_bytes(mv, len(rows), [(n, True, k) for n, k in requested]),
                                          settings.max_response_bytes)
                     result = await dataplane.infer(mv, rows, request_id=request_id)

@@ -16,8 +16,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
+from prometheus_client.samples import Exemplar
+
+from service.tracing import Exemplars
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -36,6 +41,7 @@ class Metrics:
         # Multiprocess mode collects only written values, so gauges computed on scrape (set_function) are
         # written by poll_functions() instead, on each worker's sync tick.
         self._functions: dict[tuple[str, ...], tuple[Gauge, Callable[[], float]]] = {}
+        self.exemplars: Exemplars | None = None  # kept while tracing is on (trace_exemplars)
         r = self.registry
         self.http_requests = Counter("convserve_http_requests_total", "HTTP requests by route template and status",
                                      ["method", "route", "status"], registry=r)
@@ -114,19 +120,54 @@ class Metrics:
     def for_version(self, model: str, version: int) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
 
-    def exposition(self) -> bytes:
-        """The text format of every series: this process's, or in multiprocess mode every worker's summed."""
+    def trace_exemplars(self) -> Exemplars:
+        """Start keeping exemplars (tracing on): the request-latency histograms' newest trace per bucket."""
+        self.exemplars = Exemplars({
+            "convserve_http_request_duration_seconds": (("method", "route"), LATENCY_BUCKETS),
+            "convserve_grpc_request_duration_seconds": (("method",), LATENCY_BUCKETS),
+        }, multiprocess_dir())
+        return self.exemplars
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """Every series (this process's, or in multiprocess mode every worker's summed) in the format the scraper's
+        ``Accept`` asks for, and its content type: Prometheus text, or, while tracing is on, OpenMetrics with the
+        traces' exemplars when the scraper asks for it."""
         directory = multiprocess_dir()
-        if directory is None:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
-        return generate_latest(registry)
+        source: Any = self.registry if directory is None else MultiProcessCollector(None, path=directory)
+        if self.exemplars is None:  # without tracing there is nothing OpenMetrics would add: the text format
+            return generate_latest(source), CONTENT_TYPE_LATEST
+        encoder, content_type = choose_encoder(accept)
+        if content_type.startswith(OPENMETRICS.split(";")[0]):
+            source = _WithExemplars(source, self.exemplars)
+        return encoder(source), content_type
 
     def poll_functions(self) -> None:
         """Write the current value of every function gauge (multiprocess mode only needs it)."""
         for gauge, function in list(self._functions.values()):
             gauge.set(function())
+
+
+class _WithExemplars:
+    """A collector's metrics with the traced exemplars on their buckets."""
+
+    def __init__(self, source: Any, exemplars: Exemplars) -> None:
+        self._source, self._exemplars = source, exemplars
+
+    def collect(self) -> Any:
+        found: dict[str, dict[tuple[tuple[str, ...], str], Exemplar]] = {}
+        for (metric, labels, le), (trace_id, span_id, value, at) in self._exemplars.all().items():
+            found.setdefault(metric, {})[labels, le] = Exemplar({"trace_id": trace_id, "span_id": span_id}, value, at)
+        for family in self._source.collect():
+            mine = found.get(family.name)
+            if mine:
+                names = self._exemplars.label_names[family.name]
+                bucket = family.name + "_bucket"
+                family.samples = [
+                    sample._replace(exemplar=mine.get((tuple(sample.labels.get(n, "") for n in names),
+                                                       sample.labels["le"]), sample.exemplar))
+                    if sample.name == bucket else sample
+                    for sample in family.samples]
+            yield family
 
 
 class LabelChildren(dict[tuple[Any, ...], Any]):

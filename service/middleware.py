@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.metrics import LabelChildren, Metrics
 from service.responses import dumps
 
@@ -52,6 +53,8 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,  # which worker, when there are several
         }
         entry.update({k: v for k, v in vars(record).items() if k not in self.RESERVED})
+        if tracing.tracer is not None and (ids := tracing.ids()) is not None:
+            entry["trace_id"], entry["span_id"] = ids
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
@@ -118,6 +121,9 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
+        span, token = None, None
+        if tracing.tracer is not None and scope["path"] not in UNCOUNTED_ROUTES:
+            span, token = self._server_span(scope, request_id)
         try:
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
@@ -128,9 +134,30 @@ class RequestContextMiddleware:
                 (b"retry-after", b"1"), (b"connection", b"close")]})
             await send_with_id({"type": "http.response.body", "body": self.DRAINED})
         finally:
-            self._record(scope, status or 500, time.perf_counter() - started, request_id)
+            template = self._record(scope, status or 500, time.perf_counter() - started, request_id, span)
+            if span is not None:
+                method = scope["method"]
+                span.update_name(f"{method} {template}" if template != "unmatched" else method)
+                span.set_attributes({"http.route": template, "http.response.status_code": status or 500})
+                if (status or 500) >= 400:
+                    span.set_attribute("error.type", str(status or 500))
+                tracing.finish(span, token, f"HTTP {status or 500}" if (status or 500) >= 500 else None)
 
-    def _record(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
+    @staticmethod
+    def _server_span(scope: Scope, request_id: str) -> tuple[Any, object]:
+        """The request's server span (HTTP semantic conventions), the caller's child by its ``traceparent``."""
+        carrier = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]
+                   if key in (b"traceparent", b"tracestate")}
+        client = scope.get("client") or ("", 0)
+        server = scope.get("server") or ("", 0)
+        method = scope["method"]
+        return tracing.server_span(method if method in KNOWN_METHODS else "HTTP", carrier, {
+            "http.request.method": method if method in KNOWN_METHODS else "_OTHER", "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"), "network.protocol.version": scope.get("http_version", ""),
+            "client.address": client[0], "server.port": server[1], "convserve.request_id": request_id})
+
+    def _record(self, scope: Scope, status: int, elapsed: float, request_id: str, span: Any = None) -> str:
+        """Count, time and log an answer (``span``: its server span, when tracing); its route template."""
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
@@ -138,9 +165,13 @@ class RequestContextMiddleware:
             label = method if method in KNOWN_METHODS else "other"
             self._counters[label, template, status].inc()
             self._latencies[label, template].observe(elapsed)
+            if span is not None and self.metrics.exemplars is not None:
+                self.metrics.exemplars.observe("convserve_http_request_duration_seconds", (label, template), elapsed,
+                                               span)
         if self.log_requests:
             log_access(request_id, method[:16], scope["path"], template, status, elapsed,
                        (scope.get("client") or ("", 0))[0])
+        return template
 
 
 def log_access(request_id: str, method: str, path: str, route: str, status: int, elapsed: float, client: str,

@@ -171,6 +171,9 @@ class Settings(BaseSettings):
 
     access_log: bool = True
     """Write one JSON log line per request."""
+    tracing: bool = False
+    """Export OpenTelemetry traces of requests (needs the [tracing] extra); configured by the standard OTEL_*
+    variables (endpoint, protocol, sampler, service name). See docs/tracing.md."""
     log_level: str = "info"
     """Python logging level for the service's own logs."""
     admin_token: SecretStr | None = None

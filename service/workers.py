@@ -77,6 +77,7 @@ class Supervisor(Multiprocess):
         for process in before:
             if process.pid is not None and process.exitcode is not None:
                 multiprocess.mark_process_dead(process.pid, str(self.metrics_dir))
+                (self.metrics_dir / f"exemplars_{process.pid}.json").unlink(missing_ok=True)  # service.tracing
                 cluster.forget_worker(self.state_dir, process.pid)
                 self.startup_failed = self.startup_failed or process.exitcode == STARTUP_FAILURE
         if self.processes_num != self._expected:  # SIGTTIN / SIGTTOU changed the count
@@ -126,8 +127,8 @@ def serve(settings: Settings, log_config: dict[str, Any]) -> int:
         state_dir = Path(run_dir)  # the workers' shared state (service.cluster), the metrics beside it
         metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Path(run_dir) / "metrics")
         metrics_dir.mkdir(parents=True, exist_ok=True)
-        for stale in metrics_dir.glob("*.db"):  # a previous run's values must not be added to this one's
-            stale.unlink()
+        for stale in [*metrics_dir.glob("*.db"), *metrics_dir.glob("exemplars_*.json")]:
+            stale.unlink()  # a previous run's values must not be added to this one's
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every worker
         cluster.prepare(state_dir, settings.worker_count)
         config = uvicorn.Config(

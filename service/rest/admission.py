@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import tracing
 from service.dataplane import DataPlane
 from service.errors import Overloaded, error_response
 from service.rest.routing import InferenceRoute
@@ -42,6 +43,8 @@ class AdmissionGate:
                 try:
                     self.dataplane.check_admission(params["name"], params.get("version"))
                 except Overloaded as exc:
+                    if tracing.tracer is not None:
+                        tracing.refused("admission", exc, {"convserve.model": params["name"]})
                     scope["route"] = route
                     await error_response(exc.status, exc.message, exc.headers)(scope, receive, send)
                     return

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from service import tracing
 from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, RequestTimeout
 from service.parsing import ascii_count
 
@@ -17,6 +18,16 @@ from service.parsing import ascii_count
 async def read_body(request: Request, limit: int, idle_timeout: float | None = None) -> bytes:
     """The whole body, refusing with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 when no part
     of it arrives for ``idle_timeout`` seconds (default: the app's ``body_timeout_seconds``; 0: no bound)."""
+    if tracing.tracer is None:
+        return await _read_body(request, limit, idle_timeout)
+    with tracing.stage("read body") as span:
+        body = await _read_body(request, limit, idle_timeout)
+        if span is not None:
+            span.set_attribute("http.request.body.size", len(body))
+        return body
+
+
+async def _read_body(request: Request, limit: int, idle_timeout: float | None) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if ascii_count(declared, "Content-Length") > limit:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from service import tracing
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
 from service.explain import explain
@@ -74,7 +75,8 @@ async def _explain(request: Request, name: str, version: str | None) -> Response
         if len(images) != 1:
             raise InvalidInput(f"explain takes exactly one image, got {len(images)}")
         target = _target(request.query_params.get("target"))
-        explanation = await explain(dataplane, mv, images[0], k, target, disconnect_probe(request))
+        with tracing.stage("explain", {"convserve.explain.target": target} if target is not None else None):
+            explanation = await explain(dataplane, mv, images[0], k, target, disconnect_probe(request))
     return json_response(explanation)
 
 

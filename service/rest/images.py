@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from service import tracing
 from service.dataplane import DataPlane, top_k
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.limits import check_images, off_loop
@@ -60,7 +61,8 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
         return [await read_body(request, limit)], None, True
     if kind == "application/json":
         body = await read_body(request, limit)
-        payload = await off_loop(len(body), parse_json, body)  # a large body is parsed on a worker thread
+        with tracing.stage("parse json"):
+            payload = await off_loop(len(body), parse_json, body)  # a large body is parsed on a worker thread
         if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
             raise InvalidInput('JSON body must be {"images": ["<base64>", ...], "top_k": k}')
         check_images(len(payload["images"]), max_images)  # before millions of strings are decoded

@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from service import tracing
 from service.dataplane import DataPlane, Prediction
 from service.errors import InvalidInput, ModelNotFound
 from service.limits import check_json_items, check_rows, nested_budget, off_loop
@@ -104,7 +105,8 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
         gone = disconnect_probe(request)
         request_id = request.scope.get("request_id")
         body = await read_body(request, dataplane.settings.max_body_bytes)
-        payload = await off_loop(len(body), parse_json, body)
+        with tracing.stage("parse json"):
+            payload = await off_loop(len(body), parse_json, body)
         if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
             raise InvalidInput('request must be a JSON object with either "instances" or "inputs"')
         input_name = mv.input.name
@@ -139,8 +141,10 @@ async def _predict(request: Request, name: str, version: str | None) -> Response
             else:
                 check_json_items(values, nested_budget(dataplane.settings.max_request_rows * math.prod(row_shape),
                                                        len(row_shape) + 1), "inputs")
-            tensor = await off_loop(len(body), _tensor, values, "instances" if row_format else "inputs")
-            result = await dataplane.infer(mv, dataplane.check_rows(mv, tensor), gone, request_id)
+            with tracing.stage("decode"):
+                tensor = await off_loop(len(body), _tensor, values, "instances" if row_format else "inputs")
+                rows = dataplane.check_rows(mv, tensor)
+            result = await dataplane.infer(mv, rows, gone, request_id)
     key = "predictions" if row_format else "outputs"
     return json_response({key: result.probabilities}, headers=version_header(mv.version))
 

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import __version__
+from service import __version__, tracing
 from service.batching import Outputs
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
@@ -169,9 +169,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     settings = dataplane.settings
     async with dataplane.admitted(name, version, rollout_key(request)) as mv:
         body = await read_body(request, settings.max_body_bytes)
-        payload, tensor = await off_loop(len(body), _decode_request, request.headers.get(HEADER_LENGTH), body, mv,
-                                         settings.max_request_rows)
-        rows = dataplane.check_rows(mv, tensor)
+        with tracing.stage("decode"):
+            payload, tensor = await off_loop(len(body), _decode_request, request.headers.get(HEADER_LENGTH), body,
+                                             mv, settings.max_request_rows)
+            rows = dataplane.check_rows(mv, tensor)
         check_response_bytes(response_bytes(mv, len(rows), _requested_outputs(payload, mv)),
                              settings.max_response_bytes)
         result = await dataplane.infer(mv, rows, disconnect_probe(request), request.scope.get("request_id"))

@@ -74,7 +74,8 @@ def test_serve_has_no_tensorflow(dockerfile, repo_root):
         assert "tensorflow" not in text and "[train]" not in text and "[tf]" not in text, stage.name
         assert "training/" not in text, "the training package has no business in the serving image"
     (install,) = pip_installs(dockerfile.stage("serve"))
-    assert re.search(r"pip install \.(\s|$)", install), install  # the project's base dependencies only
+    # The project's base dependencies and the [tracing] extra (the OpenTelemetry SDK, off unless asked) only.
+    assert re.search(r"pip install '\.\[tracing\]'(\s|$)", install), install
     assert re.search(r"pip install '\.\[train\]'", pip_installs(dockerfile.stage("train"))[0])
 
 
@@ -169,7 +170,8 @@ def seconds(duration: str) -> float:
 
 
 def test_compose_config_is_valid(compose_config):
-    assert set(compose_config["services"]) == {"api", "prometheus", "grafana", "train", "refresh", "postgres"}
+    assert set(compose_config["services"]) == {"api", "prometheus", "grafana", "train", "refresh", "postgres",
+                                               "jaeger"}
     assert set(compose_config["volumes"]) >= {"models", "state"}
 
 
@@ -181,7 +183,13 @@ def test_compose_api(compose_config, container_command, settings_env_names):
     assert "state:/var/lib/convserve:rw" in api["volumes"]  # the SQLite state store outlives the container
     env = api["environment"]
     assert env["CONVSERVE_STATE_URL"] == "sqlite:////var/lib/convserve/convserve.sqlite"
-    assert set(env) <= settings_env_names
+    assert {name for name in env if not name.startswith("OTEL_")} <= settings_env_names
+    # Tracing is off unless asked; then the standard OTEL_* variables send it to the tracing profile's Jaeger.
+    assert env["CONVSERVE_TRACING"] == "false"
+    assert {name for name in env if name.startswith("OTEL_")} == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert compose_config["services"]["jaeger"]["profiles"] == ["tracing"]
     assert env["CONVSERVE_ADMIN_TOKEN"] == ""  # the repository API stays off
     assert float(env["CONVSERVE_REPOSITORY_POLL_SECONDS"]) > 0  # picks up what `train` publishes
     assert seconds(api["stop_grace_period"]) > float(env["CONVSERVE_DRAIN_SECONDS"]) + 5

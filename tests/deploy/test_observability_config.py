@@ -96,9 +96,14 @@ def test_dashboard_json(dashboard):
 def test_grafana_provisioning_matches_compose_and_dashboard(repo_root, dashboard):
     provisioning = repo_root / "deploy" / "grafana" / "provisioning"
     (datasources,) = [yaml.safe_load(p.read_text()) for p in (provisioning / "datasources").glob("*.yml")]
-    (source,) = datasources["datasources"]
+    source, traces = datasources["datasources"]
     assert (datasources["apiVersion"], source["type"], source["uid"]) == (1, "prometheus", "prometheus")
     assert source["url"] == "http://prometheus:9090"  # the compose service
+    # Exemplars (tracing on) lead to their trace in the tracing profile's Jaeger.
+    assert source["jsonData"]["exemplarTraceIdDestinations"] == [{"name": "trace_id", "datasourceUid": "jaeger"}]
+    assert (traces["type"], traces["uid"], traces["url"]) == ("jaeger", "jaeger", "http://jaeger:16686")
+    jaeger = yaml.safe_load((repo_root / "docker-compose.yml").read_text())["services"]["jaeger"]
+    assert jaeger["ports"][0].endswith(":16686")
     (providers,) = [yaml.safe_load(p.read_text()) for p in (provisioning / "dashboards").glob("*.yml")]
     (provider,) = providers["providers"]
     assert provider["type"] == "file"
