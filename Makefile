@@ -46,8 +46,8 @@ system-deps:
 test: $(VENV)/.dev system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Benchmarks (never part of the tests): ours vs raw onnxruntime and peer servers, on this machine (the load
-# generator, wrk, is one of the system packages).
+# Benchmarks (never part of the tests): ours on its defaults vs inline apps and serving frameworks, and under
+# overload, on this machine; rewrites docs/benchmarks.md (the load generator, wrk, is one of the system packages).
 bench: $(VENV)/.dev system-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -1,20 +1,28 @@
-"""``python -m bench``: convserve's throughput benchmark on the bundled mnist model.
+"""``python -m bench``: convserve on its defaults against like-for-like apps and serving frameworks, in one run.
 
-In order:
+Every server is a subprocess on a free loopback port, checked for a right answer before it is measured, and
+stopped whatever happens; convserve runs on its defaults (workers auto, the bundled config.pbtxt files, access
+log and prediction log on) with a state store in a temporary directory. Sections, in order:
 
-1. floor: onnxruntime alone in this process at batch 1, 64 and 256;
-2. ours: ``python -m service`` with batching off and over a small batching grid, single-PNG uploads
-   with wrk at each concurrency, plus 256-image KServe v2 binary requests; the trivial
-   ``/v2/health/live`` route on the first server is the HTTP ceiling;
-3. peers under the same load: the inline onnxruntime app, the Keras ``model.predict`` app, BentoML;
-4. head to head: ours (best batching config) and the inline app alternated at c=32, and the v2 load
-   alternated with the floor, so that the goal ratios compare windows seconds apart on a shared machine;
-5. overload: open-loop arrivals at twice ours' c=32 capacity with a small queue bound;
-6. the floor again; the table and the goal ratios, printed, saved as JSON and (full runs) written to
-   docs/benchmarks.md.
+1. scaling: ours with 1 worker and with ``auto`` (one per usable CPU), multipart uploads;
+2. digits (mnist, tests/data/mnist/0000.png): ours against (a) the naive inline app (bench/peers/inline_onnx_app.py:
+   resize to 28x28, one class) and (d) the like-for-like inline app (bench/peers/inline_topk_app.py: MNIST
+   normalisation, top 5 with labels), each under uvicorn with 1 and with N workers, the better counting:
+   raw PNG bodies and multipart uploads; v2 JSON (a tensor, so no image work) against (a);
+3. CIFAR-10 (tests/data/cifar10/cat_1.jpg): one colour JPEG per request, ours against (d) serving cifar10
+   (decode to RGB 32x32, top 5 with labels), raw and multipart;
+4. serving frameworks, each on the multipart upload: (b) Keras ``model.predict`` in FastAPI and (c) BentoML (its
+   own venv, bench/.venv-bentoml, created on first use);
+5. cost: ours' server CPU per multipart request (the whole process tree) over the in-process cost of the same
+   work (decode, normalisation, its share of a batch-32 inference, top 5);
+6. overload (bench/closedloop.py): one worker pinned to one core, the load generator on another; 32 and 512
+   polite clients, 512 impatient ones, open-loop arrivals at twice the c=32 goodput;
+7. memory: RSS per process of ours on its defaults and of the inline app.
 
-Every server is a subprocess on a free loopback port, checked for a correct answer before it is
-measured, and stopped whatever happens. Progress goes to stderr, the table to stdout.
+Closed-loop rows are wrk at c=32, in alternating rounds (requests and CPU summed, latency the rounds' median).
+The table, every ratio with its goal, and the overload rows are printed; the results go to
+bench/results/latest.json and, for a run of every section, into docs/benchmarks.md above its marker.
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -23,446 +31,449 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import targets
-from bench.floor import onnx_floor
-from bench.load import UPLOAD_SCRIPT, V2_SCRIPT, Load, measure, multipart_body, post, v2_binary_body, warm
-from bench.openloop import http_request, run_open_loop
-from bench.report import (
-    Ratio,
-    Row,
-    machine_info,
-    markdown_table,
-    overload_lines,
-    ratio,
-    render_markdown,
-    write_docs,
-    write_json,
-)
+import numpy as np
+
+from bench import closedloop, targets
+from bench.load import UPLOAD_SCRIPT, Load, multipart_body, post, warm
+from bench.report import Row, machine_info, markdown_table, write_docs, write_json
 from bench.servers import RunningServer, ServerSpec, running
-from bench.targets import ROOT, OursConfig
+from bench.targets import ROOT
+from bench.workers import BODY_SCRIPT, in_process_ms, rounds, rss_by_process
+from service.settings import available_cpus
 
-V2_ROWS = 256
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+SECTIONS = ("scaling", "digits", "cifar10", "frameworks", "overload")
+MNIST_IMAGE = ROOT / "tests" / "data" / "mnist" / "0000.png"
+CIFAR_IMAGE = ROOT / "tests" / "data" / "cifar10" / "cat_1.jpg"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured point")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 s points, c=1 and 32, one batching config, no docs rewrite")
-    parser.add_argument("--skip-peers", action="store_true", help="measure only the floor, ceiling and ours")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json",
-                        help="JSON results file")
-    parser.add_argument("--docs", type=Path, default=None,
-                        help="Markdown report to rewrite (default: docs/benchmarks.md on full runs, none with --quick)")
-    parser.add_argument("--concurrency", type=_ints, default=None, help="wrk connections, e.g. 1,8,32,64")
-    parser.add_argument("--batch-sizes", type=_ints, default=None, help="batching grid: max batch sizes, e.g. 8,32")
-    parser.add_argument("--queue-delays-us", type=_ints, default=None,
-                        help="batching grid: max queue delays, e.g. 0,500")
-    parser.add_argument("--v2-concurrency", type=_ints, default=[4], help="connections for the 256-image v2 requests")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="head-to-head rounds: ours vs the inline app and v2 vs the floor, alternated")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads for every server and the floor (default: the server's, half the CPUs)")
-    parser.add_argument("--image", type=Path, default=ROOT / "tests" / "data" / "mnist" / "0000.png",
-                        help="the PNG every upload sends")
-    parser.add_argument("--overload-queue-size", type=int, default=64,
-                        help="CONVSERVE_MAX_QUEUE_SIZE of the overload run")
-    parser.add_argument("--overload-connections", type=int, default=256, help="open-loop connection bound")
-    parser.add_argument("--bento-install-timeout", type=float, default=600.0,
-                        help="seconds allowed for pip install bentoml into bench/.venv-bentoml")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured window")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating windows per server and load")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, help="a subset of the sections (no docs rewrite)")
+    parser.add_argument("--overload-seconds", type=float, default=10.0, help="per overload window")
+    parser.add_argument("--overload-rounds", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                        help="Markdown report to rewrite above its marker (a run of every section only)")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the Markdown report")
+    parser.add_argument("--bento-install-timeout", type=float, default=900.0)
     return parser.parse_args(argv)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one run measures, from the options (``--quick`` shrinks everything)."""
-
-    duration_s: float
-    warmup_s: float
-    concurrency: list[int]
-    configs: list[OursConfig]
-    v2_concurrency: list[int]
-    threads: int
-    floor_batches: tuple[int, ...]
-    floor_iterations: int
-    overload_s: float
-    peers: bool
-    rounds: int
-    """Head-to-head rounds (ours vs inline app, v2 vs floor), each window half a point long."""
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    from service.settings import available_cpus  # the server's own default: half the usable CPUs
-
-    quick = args.quick
-    sizes = args.batch_sizes or ([32] if quick else [8, 32])
-    delays = args.queue_delays_us if args.queue_delays_us is not None else ([0] if quick else [0, 500])
-    configs = [OursConfig(batching=False)] + [OursConfig(True, b, d) for b in sizes for d in delays]
-    if not quick:
-        configs.append(OursConfig(batching=True, shipped=True))
-    return Plan(
-        duration_s=2.0 if quick else args.duration,
-        warmup_s=1.0 if quick else 2.0,
-        concurrency=args.concurrency or ([1, 32] if quick else [1, 8, 32, 64]),
-        configs=configs,
-        v2_concurrency=args.v2_concurrency,
-        threads=args.threads or max(1, available_cpus() // 2),
-        floor_batches=(1, 64, 256),
-        floor_iterations=50 if quick else 300,
-        overload_s=3.0 if quick else 6.0,
-        peers=not args.skip_peers,
-        rounds=1 if quick else args.rounds,
-    )
 
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-# --- Correctness before speed --------------------------------------------------------------------
+# --- Servers -------------------------------------------------------------------------------------
 
-def _predicted_class(payload: dict[str, Any]) -> int:
-    """The winning class of one image, from ours' (predictions[0]) or the peers' response shape."""
-    if "predictions" in payload:
-        payload = payload["predictions"][0]
-    return int(payload["class_id"])
+def ours(repository: Path, state: Path, workers: str = "auto") -> ServerSpec:
+    """``python -m service`` on its defaults; only the state store (a temporary file) and the gRPC port (any
+    free one, since two run at once) are set, and the worker count where a row says so."""
+    command = [sys.executable, "-m", "service", "--models-dir", str(repository), "--host", "127.0.0.1",
+               "--port", "{port}"]
+    return ServerSpec(name=f"ours, workers={workers}", command=command + ["--workers", workers],
+                      ready_path="/v2/health/ready", predict_path="/models/mnist/predict",
+                      env={"CONVSERVE_STATE_URL": f"sqlite:///{state}", "CONVSERVE_GRPC_PORT": "0"})
 
 
-def check_upload(server: RunningServer, image: bytes, expected: int | None) -> None:
-    """One upload must answer 200 with the right digit, or the server is not measured."""
-    body, content_type = multipart_body(image)
-    status, _, answer = post(server.base_url + server.spec.predict_path, body, {"Content-Type": content_type})
+def uvicorn_app(name: str, app: str, workers: int, env: dict[str, str]) -> ServerSpec:
+    return ServerSpec(
+        name=f"{name}, uvicorn workers={workers}",
+        command=[sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "{port}",
+                 "--no-access-log", "--log-level", "warning", "--workers", str(workers)],
+        ready_path="/openapi.json", predict_path="/predict", env={"THREADS": "1", **env})
+
+
+def naive(workers: int) -> ServerSpec:
+    """(a) the naive inline app: decode, resize to 28x28, one class."""
+    return uvicorn_app("(a) naive inline app", "bench.peers.inline_onnx_app:app", workers,
+                       {"MODEL": str(targets.MODEL_DIR / "1" / "model.onnx")})
+
+
+def like_for_like(model: str, workers: int) -> ServerSpec:
+    """(d) the inline app that does convserve's per-image work for ``model`` (its newest bundled version)."""
+    directory = ROOT / "models" / model
+    version = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    digit = json.loads((directory / str(version) / "metadata.json").read_text()).get("digit", False)
+    spec = uvicorn_app(f"(d) like-for-like inline app ({model})", "bench.peers.inline_topk_app:app", workers,
+                       {"MODEL": str(directory / str(version) / "model.onnx"), "LABELS": str(directory / "labels.txt"),
+                        "DIGIT": "1" if digit else "0", "SIZE": "28" if digit else "32"})
+    return spec
+
+
+# --- Loads ---------------------------------------------------------------------------------------
+
+def image_loads(image: Path, image_type: str, ours_path: str) -> dict[str, dict[str, Load]]:
+    """Per body kind, the load for ours (``ours_path``) and for the inline apps (their routes)."""
+    raw = {"BODY_FILE": str(image), "CONTENT_TYPE": image_type}
+    multipart = {"IMAGE": str(image), "IMAGE_TYPE": image_type}
+    return {
+        "raw": {"ours": Load(ours_path, BODY_SCRIPT, raw), "peer": Load("/predict/raw", BODY_SCRIPT, raw)},
+        "multipart": {"ours": Load(ours_path, UPLOAD_SCRIPT, multipart),
+                      "peer": Load("/predict", UPLOAD_SCRIPT, multipart)},
+    }
+
+
+def v2_json_load(image: Path, tmp: Path) -> Load:
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(image).convert("L"), dtype=np.float32)
+    body = tmp / "v2.json"
+    body.write_text(json.dumps({"inputs": [{"name": "image", "shape": [1, *pixels.shape, 1], "datatype": "FP32",
+                                            "data": pixels.ravel().tolist()}]}))
+    return Load("/v2/models/mnist/infer", BODY_SCRIPT, {"BODY_FILE": str(body), "CONTENT_TYPE": "application/json"})
+
+
+def check(server: RunningServer, load: Load, expected: str) -> None:
+    """One request of ``load`` must answer 200 with ``expected`` (a label or class id) as its top class."""
+    env = load.env or {}
+    if "IMAGE" in env:
+        body, content_type = multipart_body(Path(env["IMAGE"]).read_bytes(), env["IMAGE_TYPE"])
+    else:
+        body, content_type = Path(env["BODY_FILE"]).read_bytes(), env["CONTENT_TYPE"]
+    status, _, answer = post(server.base_url + (load.path or server.spec.predict_path), body,
+                             {"Content-Type": content_type})
     if status != 200:
-        raise RuntimeError(f"{server.spec.name}: upload answered {status}: {answer[:300]!r}")
-    got = _predicted_class(json.loads(answer))
-    if expected is not None and got != expected:
-        raise RuntimeError(f"{server.spec.name}: predicted {got}, the image is a {expected}")
-
-
-def check_v2(server: RunningServer, body: bytes, header_length: int) -> None:
-    """The binary v2 request must answer 200 with [256, 10] float32 probabilities in binary."""
-    status, headers, answer = post(server.base_url + "/v2/models/mnist/infer", body,
-                                   {"Content-Type": "application/octet-stream",
-                                    "Inference-Header-Content-Length": str(header_length)})
-    length = {k.lower(): v for k, v in headers.items()}.get("inference-header-content-length")
-    if status != 200 or length is None or len(answer) - int(length) != V2_ROWS * 10 * 4:
-        raise RuntimeError(f"v2 binary request answered {status} ({len(answer)} bytes): {answer[:200]!r}")
-
-
-# --- The measurements ----------------------------------------------------------------------------
-
-@dataclass
-class Context:
-    """What every measurement needs: the plan, the temp dir, the request bodies and the results so far."""
-
-    plan: Plan
-    tmp: Path
-    image: bytes
-    label: int | None
-    upload: Load
-    v2: Load
-    v2_body: bytes
-    v2_header_length: int
-    rows: list[Row]
-    skipped: dict[str, str]
-
-    def add(self, row: Row) -> None:
-        self.rows.append(row)
-        log(f"{row.name} c={row.concurrency}: {row.requests_per_s:,.1f} req/s, {row.images_per_s:,.0f} img/s, "
-            f"p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms:.2f} ms, errors {row.errors}, CPU {row.server_cpu_s} s, "
-            f"CPU wait {row.server_wait_s} s")
-
-
-def measure_floor(ctx: Context, when: str) -> None:
-    """onnxruntime alone; done at the start and at the end of the run, the busier machine shows in the gap."""
-    log(f"floor ({when}): onnxruntime in-process")
-    for row in onnx_floor(targets.MODEL_DIR / "1" / "model.onnx", ctx.plan.threads, list(ctx.plan.floor_batches),
-                          ctx.plan.floor_iterations, min_seconds=ctx.plan.duration_s / 4):
-        row.name += f" ({when})"
-        ctx.add(row)
-
-
-def bench_ours(ctx: Context, config: OursConfig, repositories: tuple[Path, Path], ceiling: bool) -> None:
-    """Uploads at every concurrency (c=32 only for the as-shipped config), the v2 binary load, and the ceiling."""
-    plan = ctx.plan
-    spec = targets.ours(config, repositories, plan.threads)
-    log(f"starting {spec.name}")
-    with running(spec, ROOT, ctx.tmp) as server:
-        check_upload(server, ctx.image, ctx.label)
-        check_v2(server, ctx.v2_body, ctx.v2_header_length)
-        warm(server, ctx.upload, plan.warmup_s, max(plan.concurrency))
-        if ceiling:
-            ctx.add(measure(server, "ceiling: ours GET /v2/health/live", Load("/v2/health/live"), 32,
-                            plan.duration_s, "ceiling"))
-        for c in [32] if config.shipped else plan.concurrency:
-            ctx.add(measure(server, f"{config.label}: upload", ctx.upload, c, plan.duration_s, "ours"))
-        if not config.shipped:
-            warm(server, ctx.v2, 1.0, concurrency=plan.v2_concurrency[0])
-            for c in plan.v2_concurrency:
-                ctx.add(measure(server, f"{config.label}: v2 binary x{V2_ROWS}", ctx.v2, c, plan.duration_s, "v2"))
-
-
-def bench_peer(ctx: Context, spec: ServerSpec) -> None:
-    """The same upload load at the same concurrencies against a peer; a peer that fails is reported, not fatal."""
-    log(f"starting {spec.name}")
-    try:
-        with running(spec, ROOT, ctx.tmp) as server:
-            check_upload(server, ctx.image, ctx.label)
-            warm(server, ctx.upload, ctx.plan.warmup_s, max(ctx.plan.concurrency))
-            for c in ctx.plan.concurrency:
-                ctx.add(measure(server, spec.name, ctx.upload, c, ctx.plan.duration_s, "peer"))
-    except Exception as exc:  # one peer failing must not lose the others' results
-        ctx.skipped[spec.name] = str(exc).replace("\n", " | ")[:1500]
-        log(f"{spec.name} not measured: {exc}")
-
-
-def find(rows: list[Row], group: str, concurrency: int | None = None, name: str | None = None,
-         best: bool = False) -> Row | None:
-    """The row of ``group`` (at ``concurrency``, with ``name`` in its name); ``best``: highest req/s of those."""
-    matches = [r for r in rows if r.group == group and (concurrency is None or r.concurrency == concurrency)
-               and (name is None or name in r.name)]
-    if not matches:
-        return None
-    return max(matches, key=lambda r: r.requests_per_s) if best else matches[0]
-
-
-def best_batching(rows: list[Row]) -> Row | None:
-    """Ours with batching on (grid configs, not as-shipped) with the most req/s at c=32."""
-    grid = [r for r in rows if r.group == "ours" and r.concurrency == 32 and "batching b" in r.name]
-    return max(grid, key=lambda r: r.requests_per_s) if grid else None
-
-
-def bench_overload(ctx: Context, configs: list[OursConfig], repositories: tuple[Path, Path],
-                   queue_size: int, connections: int) -> dict[str, Any]:
-    """Open loop at twice the c=32 capacity of the best batching config, with a small queue bound."""
-    top = best_batching(ctx.rows) or find(ctx.rows, "ours", 32, best=True)
-    if top is None:
-        return {"error": "no c=32 result for ours to size the arrival rate"}
-    config = next(c for c in configs if top.name.startswith(c.label + ":"))
-    unloaded = find(ctx.rows, "ours", 1, name=config.label + ":")
-    spec = targets.ours(config, repositories, ctx.plan.threads, {"CONVSERVE_MAX_QUEUE_SIZE": str(queue_size)})
-    rate = 2 * top.requests_per_s
-    log(f"overload: {config.label}, queue size {queue_size}, {rate:.0f} req/s for {ctx.plan.overload_s:g} s")
-    with running(spec, ROOT, ctx.tmp) as server:
-        check_upload(server, ctx.image, ctx.label)
-        warm(server, ctx.upload, 1.0)
-        body, content_type = multipart_body(ctx.image)
-        request = http_request("POST", spec.predict_path, f"127.0.0.1:{server.port}", body, content_type)
-        cpu = server.cpu_seconds()
-        result = run_open_loop("127.0.0.1", server.port, request, rate, ctx.plan.overload_s, connections)
-        result["server_cpu_s"] = round(server.cpu_seconds() - cpu, 2)
-        result["rss_mb"] = round(server.rss_mb(), 1)
-    unloaded_p50 = unloaded.p50_ms if unloaded else float("nan")
-    result.update(config=config.label, max_queue_size=queue_size, capacity=top.requests_per_s,
-                  unloaded_p50_ms=unloaded_p50, ok_p99_vs_unloaded_p50=result["ok_p99_ms"] / unloaded_p50)
-    for line in overload_lines(result):
-        log(line)
-    return result
-
-
-def pooled(name: str, rounds: list[Row]) -> Row:
-    """One row for several rounds of the same load: totals for counts and CPU, medians for latency."""
-    cpu = [r.server_cpu_s for r in rounds if r.server_cpu_s is not None]
-    wait = [r.server_wait_s for r in rounds if r.server_wait_s is not None]
-    return Row(name=name, concurrency=rounds[0].concurrency, duration_s=sum(r.duration_s for r in rounds),
-               requests=sum(r.requests for r in rounds), images_per_request=rounds[0].images_per_request,
-               p50_ms=statistics.median(r.p50_ms for r in rounds), p99_ms=statistics.median(r.p99_ms for r in rounds),
-               errors=sum(r.errors for r in rounds), server_cpu_s=round(sum(cpu), 2) if cpu else None,
-               rss_mb=max((r.rss_mb for r in rounds if r.rss_mb is not None), default=None),
-               server_wait_s=round(sum(wait), 2) if wait else None, group="h2h",
-               extra={"rounds": [round(r.images_per_s, 1) for r in rounds]})
-
-
-def head_to_head(ctx: Context, config: OursConfig, repositories: tuple[Path, Path]) -> None:
-    """The goal comparisons measured seconds apart instead of minutes: ours (best batching config) and the
-    inline app both running, c=32 windows alternated; then the v2 binary load alternated with the floor."""
-    plan = ctx.plan
-    seconds = max(1.0, plan.duration_s / 2)
-    rounds: dict[str, list[Row]] = {}
-    ours_spec = targets.ours(config, repositories, plan.threads)
-    log(f"head to head, {plan.rounds} round(s): {config.label} vs the inline app; v2 vs the floor")
-    with contextlib.ExitStack() as stack:
-        ours_server = stack.enter_context(running(ours_spec, ROOT, ctx.tmp))
-        check_upload(ours_server, ctx.image, ctx.label)
-        warm(ours_server, ctx.upload, plan.warmup_s, 32)
-        inline_server = None
-        if plan.peers:
-            inline_server = stack.enter_context(running(targets.inline_app(plan.threads), ROOT, ctx.tmp))
-            check_upload(inline_server, ctx.image, ctx.label)
-            warm(inline_server, ctx.upload, plan.warmup_s, 32)
-        for i in range(plan.rounds):
-            windows = [(f"{config.label}: upload", ours_server, ctx.upload, 32)]
-            if inline_server is not None:
-                windows.append((inline_server.spec.name, inline_server, ctx.upload, 32))
-            if i % 2:  # alternate which goes first
-                windows.reverse()
-            windows.append((f"{config.label}: v2 binary x{V2_ROWS}", ours_server, ctx.v2, plan.v2_concurrency[0]))
-            for name, server, load, c in windows:
-                row = measure(server, f"head to head: {name}", load, c, seconds, "h2h-round")
-                rounds.setdefault(name, []).append(row)
-                ctx.add(row)
-            floor = onnx_floor(targets.MODEL_DIR / "1" / "model.onnx", plan.threads, [V2_ROWS], 10,
-                               min_seconds=seconds)[0]
-            floor.group = "h2h-round"
-            rounds.setdefault(f"floor: onnxruntime in-process, batch {V2_ROWS}", []).append(floor)
-            ctx.add(floor)
-    for name, rows in rounds.items():
-        ctx.rows.append(pooled(f"head to head ({len(rows)} x {seconds:g} s): {name}", rows))
-
-
-def goal_ratios(rows: list[Row]) -> list[Ratio]:
-    """The three goals of the throughput issue, and a few comparisons for context, all from this run."""
-    best = best_batching(rows)
-    inline = find(rows, "peer", 32, name="peer a")
-    keras = find(rows, "peer", 32, name="peer b")
-    bento = find(rows, "peer", 32, name="peer c")
-    v2 = find(rows, "v2", name=best.name.split(":")[0] + ":") if best else find(rows, "v2", best=True)
-    floor256 = find(rows, "floor", name="batch 256", best=True)  # the better of start and end: the harder goal
-    off = find(rows, "ours", 32, name="batching off")
-    ceiling = find(rows, "ceiling")
-    h2h_ours = find(rows, "h2h", name=": upload")
-    h2h_inline = find(rows, "h2h", name="peer a")
-    h2h_v2 = find(rows, "h2h", name="v2 binary")
-    h2h_floor = find(rows, "h2h", name="floor")
-    return [
-        _per_round(ratio("ours (best batching, c=32) / inline app (a), head to head", h2h_ours, h2h_inline, goal=1.3,
-                         p99_no_worse=True), h2h_ours, h2h_inline),
-        _per_round(ratio("v2 binary 256 images/s / raw onnxruntime batch 256, head to head", h2h_v2, h2h_floor,
-                         goal=0.7, per="images"), h2h_v2, h2h_floor),
-        ratio("ours (best batching, c=32) / keras predict app (b)", best, keras, goal=50),
-        ratio("ours (best batching, c=32) / inline app (a), from the grid (minutes apart)", best, inline, goal=1.3,
-              p99_no_worse=True),
-        ratio("v2 binary 256 / floor batch 256 (better of start and end), from the grid", v2, floor256, goal=0.7,
-              per="images"),
-        ratio("ours (best batching, c=32) / BentoML (c)", best, bento),
-        ratio("ours batching on (best) / off, c=32", best, off),
-        ratio("ours (best batching, c=32) / HTTP ceiling (health route)", best, ceiling),
-    ]
-
-
-def _per_round(r: Ratio, top: Row | None, bottom: Row | None) -> Ratio:
-    """Add the ratio of each head-to-head round, which shows how much of the spread is the machine."""
-    if top is not None and bottom is not None and r.value is not None:
-        each = [f"{a / b:.2f}" for a, b in zip(top.extra["rounds"], bottom.extra["rounds"]) if b]
-        r.note = "; ".join(filter(None, [r.note, f"per round {', '.join(each)}"]))
-    return r
+        raise RuntimeError(f"{server.spec.name}: answered {status}: {answer[:300]!r}")
+    payload = json.loads(answer)
+    if "outputs" in payload:  # v2: the probabilities
+        got = str(int(np.argmax(payload["outputs"][0]["data"])))
+    else:
+        top = payload["predictions"][0] if "predictions" in payload else payload
+        got = str(top.get("label", top["class_id"])) if not expected.isdigit() else str(top["class_id"])
+    if got != expected:
+        raise RuntimeError(f"{server.spec.name}: answered {got}, the image is {expected}")
 
 
 # --- The run -------------------------------------------------------------------------------------
 
-def _label(image: Path) -> int | None:
-    labels = image.parent / "labels.json"
-    try:
-        return int(json.loads(labels.read_text())[image.name])
-    except (OSError, KeyError, ValueError):
-        return None
+@dataclass
+class Ratio:
+    name: str
+    top: Row | None
+    bottom: Row | None
+    goal: str = ""
+    """">= 2", "<= 2.0", or "" (for information)."""
+    per: str = "requests"
+    value: float | None = None
+    met: bool | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.top is None or self.bottom is None or not self.bottom.requests_per_s:
+            self.text = f"- {self.name}: not measured"
+            return
+        self.value = self.top.requests_per_s / self.bottom.requests_per_s
+        if self.goal:
+            bound = float(self.goal.split()[1])
+            self.met = self.value >= bound if self.goal.startswith(">=") else self.value <= bound
+        verdict = "" if self.met is None else f" (goal {self.goal}: {'met' if self.met else 'NOT met'})"
+        self.text = (f"- **{self.name}** = {self.value:.2f}x{verdict}: {self.top.requests_per_s:,.0f} / "
+                     f"{self.bottom.requests_per_s:,.0f} req/s, p99 {self.top.p99_ms:.1f} vs {self.bottom.p99_ms:.1f}"
+                     f" ms, CPU-ms per request {_ms(self.top)} vs {_ms(self.bottom)}")
+
+
+def _ms(row: Row) -> str:
+    return f"{row.cpu_ms_per_request:.3f}" if row.cpu_ms_per_request is not None else "-"
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    tmp: Path
+    repository: Path
+    rows: list[Row] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    states: int = 0
+
+    def state(self) -> Path:
+        self.states += 1
+        return self.tmp / f"state-{self.states}.sqlite"
+
+    def alternate(self, servers: dict[str, RunningServer], load_for: dict[str, Load], label: str) -> dict[str, Row]:
+        for key, server in servers.items():
+            warm(server, load_for[key], 1.0, concurrency=32)
+        result = rounds(servers, load_for, label, self.args.rounds, self.args.duration)
+        for key, row in result.items():
+            result[key] = replace(row, name=f"{label}: {servers[key].spec.name}", group=label)
+        self.rows += result.values()
+        return result
+
+    def checked(self, servers: dict[str, RunningServer], loads: dict[str, Load], expected: str,
+                label: str) -> dict[str, Row]:
+        """``loads["ours"]`` for ours, ``loads["peer"]`` for the others: each server answers one request right
+        (``expected`` is the top class), then the alternating rounds."""
+        load_for = {key: loads["ours" if key == "ours" else "peer"] for key in servers}
+        for key, server in servers.items():
+            check(server, load_for[key], expected)
+        return self.alternate(servers, load_for, label)
+
+    def best(self, result: dict[str, Row], prefix: str) -> Row | None:
+        """The better worker count of one peer: its row with the most req/s."""
+        rows = [row for key, row in result.items() if key.startswith(prefix)]
+        return max(rows, key=lambda r: r.requests_per_s) if rows else None
+
+
+def section_scaling(run: Run) -> None:
+    cpus = available_cpus()
+    load = image_loads(MNIST_IMAGE, "image/png", "/models/mnist/predict")["multipart"]["ours"]
+    with contextlib.ExitStack() as stack:
+        servers = {n: stack.enter_context(running(ours(run.repository, run.state(), n), ROOT, run.tmp))
+                   for n in ("1", "auto")}
+        result = run.checked(servers, {"ours": load, "peer": load}, "7", "scaling, mnist multipart c=32")
+    run.ratios.append(Ratio(f"workers=auto ({cpus} usable CPUs) / 1 worker, multipart", result["auto"],
+                            result["1"], ">= 1.8"))
+
+
+def section_digits(run: Run) -> None:
+    cpus = available_cpus()
+    counts = [1, cpus] if cpus > 1 else [1]
+    loads = image_loads(MNIST_IMAGE, "image/png", "/models/mnist/predict")
+    with contextlib.ExitStack() as stack:
+        servers = {"ours": stack.enter_context(running(ours(run.repository, run.state()), ROOT, run.tmp))}
+        for n in counts:
+            servers[f"a{n}"] = stack.enter_context(running(naive(n), ROOT, run.tmp))
+            servers[f"d{n}"] = stack.enter_context(running(like_for_like("mnist", n), ROOT, run.tmp))
+        for kind in ("raw", "multipart"):
+            result = run.checked(servers, loads[kind], "7", f"mnist {kind} PNG c=32")
+            run.ratios.append(Ratio(f"ours / (a) naive inline app at its best, {kind} PNG", result["ours"],
+                                    run.best(result, "a"), ">= 2"))
+            run.ratios.append(Ratio(f"ours / (d) like-for-like inline app at its best, {kind} PNG", result["ours"],
+                                    run.best(result, "d")))
+            if kind == "multipart":
+                run.results["ours_multipart_cpu_ms"] = result["ours"].cpu_ms_per_request
+        v2 = v2_json_load(MNIST_IMAGE, run.tmp)
+        json_servers = {key: server for key, server in servers.items() if not key.startswith("d")}
+        result = run.checked(json_servers, {"ours": v2, "peer": v2}, "7", "mnist v2 JSON c=32")
+        run.ratios.append(Ratio("ours / (a) naive inline app at its best, v2 JSON", result["ours"],
+                                run.best(result, "a"), ">= 2"))
+        run.results["rss"] = {name: rss_by_process(servers[key]) for key, name in
+                              (("ours", "ours on its defaults"), ("a1", "(a) naive inline app, 1 worker"))}
+
+
+def section_cifar10(run: Run) -> None:
+    cpus = available_cpus()
+    loads = image_loads(CIFAR_IMAGE, "image/jpeg", "/models/cifar10/predict")
+    with contextlib.ExitStack() as stack:
+        servers = {"ours": stack.enter_context(running(ours(run.repository, run.state()), ROOT, run.tmp))}
+        for n in [1, cpus] if cpus > 1 else [1]:
+            servers[f"d{n}"] = stack.enter_context(running(like_for_like("cifar10", n), ROOT, run.tmp))
+        for kind in ("raw", "multipart"):
+            result = run.checked(servers, loads[kind], "cat", f"cifar10 {kind} JPEG c=32")
+            run.ratios.append(Ratio(f"ours / (d) inline app at its best, cifar10 {kind} JPEG", result["ours"],
+                                    run.best(result, "d"), ">= 4"))
+
+
+def section_frameworks(run: Run) -> None:
+    load = image_loads(MNIST_IMAGE, "image/png", "/models/mnist/predict")["multipart"]
+    log("BentoML: checking bench/.venv-bentoml")
+    usable, bento_status = targets.ensure_bento_venv(run.args.bento_install_timeout)
+    log(f"BentoML: {bento_status}")
+    run.results["bentoml"] = bento_status
+    frameworks: dict[str, Callable[[], ServerSpec]] = {"(b) keras": lambda: targets.keras_app(1)}
+    if usable:
+        (run.tmp / "bentoml-home").mkdir(exist_ok=True)
+        frameworks["(c) bentoml"] = lambda: targets.bento_service(1, run.tmp / "bentoml-home")
+    else:
+        run.skipped["(c) bentoml"] = bento_status
+    with contextlib.ExitStack() as stack:
+        servers = {"ours": stack.enter_context(running(ours(run.repository, run.state()), ROOT, run.tmp))}
+        for key, make in frameworks.items():
+            try:
+                servers[key] = stack.enter_context(running(make(), ROOT, run.tmp))
+            except Exception as exc:  # one framework failing must not lose the others
+                run.skipped[key] = str(exc).replace("\n", " | ")[:800]
+        result = run.checked(servers, load, "7", "mnist multipart PNG c=32, frameworks")
+    for key in frameworks:
+        if key in result:
+            run.ratios.append(Ratio(f"ours / {result[key].name.split(': ', 1)[1]}, multipart PNG", result["ours"],
+                                    result[key], ">= 4"))
+
+
+def section_cost(run: Run) -> None:
+    ours_ms = run.results.get("ours_multipart_cpu_ms")
+    if ours_ms is None:
+        return
+    cost = in_process_ms(MNIST_IMAGE)
+    from service.dataplane import ranked_classes
+
+    labels = (ROOT / "models" / "mnist" / "labels.txt").read_text().split()
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(10), 32).astype(np.float32)
+    started = time.process_time()
+    for _ in range(200):
+        for row, classes in zip(probabilities.tolist(), ranked_classes(probabilities, 5)):
+            [{"class_id": c, "label": labels[c], "score": row[c]} for c in classes]
+    top5 = (time.process_time() - started) / (200 * 32) * 1000
+    total = cost["total_ms"] + top5
+    value = ours_ms / total
+    run.results["cost"] = {**cost, "top5_ms": top5, "in_process_ms": total, "ours_ms": ours_ms, "ratio": value}
+    run.lines.append(f"- **server CPU-ms per multipart request / in-process cost of the same work** = {ours_ms:.3f} "
+                     f"/ {total:.3f} ms = {value:.2f} (goal <= 2.0: {'met' if value <= 2.0 else 'NOT met'}; "
+                     f"in-process: decode + normalise {cost['preprocess_ms']:.3f} ms, inference "
+                     f"{cost['inference_ms_per_image']:.3f} ms per image at batch 32, top 5 {top5:.3f} ms)")
+
+
+def section_overload(run: Run) -> None:
+    pinned = closedloop.cores()
+    spec = closedloop.server_spec(run.repository, run.state(), {}, pinned[0] if pinned else None)
+    with running(spec, ROOT, run.tmp) as server:
+        result = closedloop.overload(server, MNIST_IMAGE.read_bytes(), run.args.overload_seconds,
+                                     run.args.overload_rounds, pinned[1] if pinned else None, 6.0, 1024)
+    result["where"] = (f"server ({spec.name}) on core {pinned[0]} with `taskset`, load generator on "
+                       f"{sorted(pinned[1])}" if pinned else "one usable CPU: server and load generator share it")
+    run.results["overload"] = result
+
+
+def rss_lines(rss: dict[str, list[tuple[int, str, float]]]) -> list[str]:
+    out = []
+    for name, processes in rss.items():
+        described = ", ".join(f"{role} {mb:.0f} MB" for _, role, mb in processes)
+        out.append(f"- RSS, {name} (idle after its rows): {described}; total "
+                   f"{sum(mb for *_, mb in processes):.0f} MB")
+    return out
+
+
+def render(run: Run, machine: dict[str, Any], command: str) -> str:
+    """docs/benchmarks.md above its marker."""
+    o = run.results.get("overload")
+    software = ", ".join(f"{k} {machine[k]}" for k in ("python", "onnxruntime", "fastapi", "starlette", "uvicorn",
+                                                          "uvloop", "numpy", "pillow", "tensorflow", "keras"))
+    out = [
+        "# Benchmarks",
+        "",
+        "convserve on its defaults next to the apps a team would otherwise write and the serving frameworks it "
+        "is compared with, on the bundled models, and under overload. Generated by `python -m bench` (one run, "
+        "every figure below from it); do not edit above the marker.",
+        "",
+        "## How to run",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+        "Options: `--duration S` and `--rounds N` (closed-loop windows), `--only SECTION ...` (a subset; does not "
+        "rewrite this file), `--overload-seconds`, `--overload-rounds`, `--no-docs`, `--output FILE` (JSON). "
+        "`python -m bench --help` lists them; the module's docstring says what each section does.",
+        "",
+        "## What is measured",
+        "",
+        "- **ours**: `python -m service` on its defaults: workers `auto` (one per usable CPU), the bundled "
+        "config.pbtxt files, batches where `auto` puts them, the admission gate, access log and prediction log "
+        "on; only its state store (a temporary SQLite file) and gRPC port (any free one) are set.",
+        "- **(a) naive inline app** (bench/peers/inline_onnx_app.py): FastAPI, Pillow `convert('L').resize((28, "
+        "28))`, `session.run` inline, one class. It does less work than ours per image.",
+        "- **(d) like-for-like inline app** (bench/peers/inline_topk_app.py): the same, doing what ours does per "
+        "image in a straightforward implementation of its own: for a digit, invert a light background, crop to "
+        "the ink, fit into 20x20, centre the mass in 28x28; for CIFAR-10, decode to RGB 32x32; then the top 5 "
+        "classes with labels.",
+        "- (a) and (d) run under uvicorn (uvloop, httptools, no access log, 1 intra-op thread) with 1 and with N "
+        "workers; the better one counts.",
+        "- **Serving frameworks**, each on the multipart upload of the same model: (b) Keras `model.predict` on "
+        "the SavedModel in FastAPI (bench/peers/keras_predict_app.py), (c) BentoML with onnxruntime "
+        "(bench/peers/bento_service.py, its own venv).",
+        f"- Loads: wrk, keep-alive, c=32, {run.args.rounds} alternating rounds of {run.args.duration:g} s per "
+        "server (requests and CPU summed, latency the rounds' median); mnist: tests/data/mnist/0000.png as a raw "
+        "body (`image/png`), as a multipart upload, and as v2 JSON (the 784 pixels as FP32 `data`); cifar10: "
+        "tests/data/cifar10/cat_1.jpg raw and multipart. Every server answers one request of each load "
+        "correctly before it is measured.",
+        "- Columns: req/s counts 2xx answers; p50/p99 from wrk; server CPU s is user+system time of the server's "
+        "process tree in the windows; CPU wait s is how long its threads were runnable without a CPU; RSS at the "
+        "end. wrk shares the cores with the server in these rows (not in the overload rows).",
+        "",
+        "## Machine",
+        "",
+        f"- Date: {machine['date_utc']}; convserve revision {machine['revision']}",
+        f"- CPU: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs ({machine['usable_cpus']} usable); "
+        f"RAM {machine['ram_gib']} GiB",
+        f"- Load average (1/5/15 min) at start: {machine['load_average_at_start']}, at end: "
+        f"{machine.get('load_average_at_end', '-')}",
+        f"- Software: {software}; load generator {machine['wrk']}; BentoML: {run.results.get('bentoml', '-')}",
+        "- The machine is shared with other work; the ratios compare servers measured in alternating windows "
+        "seconds apart.",
+        "",
+        "## Results",
+        "",
+        markdown_table(run.rows),
+        "",
+        "## Ratios and goals (this run)",
+        "",
+        *[r.text for r in run.ratios],
+        *run.lines,
+        "",
+    ]
+    if o:
+        out += ["## Overload, measured fairly", "",
+                f"{o['where']}. Polite clients honour `Retry-After` and otherwise back off exponentially with full "
+                "jitter (20 ms doubling, capped at 1 s); impatient ones retry after a fixed 20 ms and ignore "
+                "`Retry-After`. Medians of the rounds; open loop from bench/openloop.py.", "",
+                *closedloop.lines(o), ""]
+    if "rss" in run.results:
+        out += ["## Memory", "", *rss_lines(run.results["rss"]), ""]
+    if run.skipped:
+        out += ["## Not measured", "", *[f"- {k}: {v}" for k, v in run.skipped.items()], ""]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.output, args.image = args.output.resolve(), args.image.resolve()
-    args.docs = args.docs.resolve() if args.docs else args.docs
-    plan = make_plan(args)
-    os.chdir(ROOT)  # the peers' default paths and the Lua scripts are relative to the repository
+    os.chdir(ROOT)
+    sections = args.only or list(SECTIONS)
     command = " ".join([".venv/bin/python -m bench", *(argv if argv is not None else sys.argv[1:])])
     machine = machine_info()
-    log(f"plan: {len(plan.configs)} convserve configs x c={plan.concurrency}, {plan.duration_s:g} s each; "
-        f"{plan.threads} intra-op thread(s); load average {machine['load_average_at_start']}")
-
+    log(f"sections {sections}; {args.rounds} x {args.duration:g} s windows; load average "
+        f"{machine['load_average_at_start']}")
     with tempfile.TemporaryDirectory(prefix="convserve-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        v2_body, v2_header_length = v2_binary_body(V2_ROWS)
-        (tmp / "v2_body.bin").write_bytes(v2_body)
-        ctx = Context(
-            plan=plan, tmp=tmp, image=args.image.read_bytes(), label=_label(args.image),
-            upload=Load(None, UPLOAD_SCRIPT, {"IMAGE": str(args.image)}),
-            v2=Load("/v2/models/mnist/infer", V2_SCRIPT,
-                    {"BODY_FILE": str(tmp / "v2_body.bin"), "HEADER_LENGTH": str(v2_header_length)}, V2_ROWS),
-            v2_body=v2_body, v2_header_length=v2_header_length, rows=[], skipped={})
-
-        measure_floor(ctx, "start")
-
-        repositories = targets.model_repositories(tmp)
-        for i, config in enumerate(plan.configs):
+        repository = tmp / "models"
+        repository.mkdir()
+        for model in ("mnist", "cifar10"):
+            (repository / model).symlink_to(ROOT / "models" / model, target_is_directory=True)
+        run = Run(args, tmp, repository)
+        steps: dict[str, Callable[[Run], None]] = {
+            "scaling": section_scaling, "digits": section_digits, "cifar10": section_cifar10,
+            "frameworks": section_frameworks, "overload": section_overload}
+        for name in sections:
+            log(f"section {name}")
             try:
-                bench_ours(ctx, config, repositories, ceiling=i == 0)
-            except Exception as exc:  # reported, and the run exits non-zero at the end
-                ctx.skipped[config.label] = str(exc).replace("\n", " | ")[:1500]
-                log(f"{config.label} not measured: {exc}")
-
-        bento_status = "skipped (--skip-peers)"
-        if plan.peers:
-            bench_peer(ctx, targets.inline_app(plan.threads))
-            bench_peer(ctx, targets.keras_app(plan.threads))
-            log("BentoML: checking bench/.venv-bentoml")
-            usable, bento_status = targets.ensure_bento_venv(args.bento_install_timeout)
-            log(f"BentoML: {bento_status}")
-            if usable:
-                (tmp / "bentoml-home").mkdir()
-                bench_peer(ctx, targets.bento_service(plan.threads, tmp / "bentoml-home"))
-            else:
-                ctx.skipped["peer c: bentoml"] = bento_status
-        machine["bentoml"] = bento_status
-
-        top = best_batching(ctx.rows)
-        if top is not None and plan.rounds > 0:
-            try:
-                head_to_head(ctx, next(c for c in plan.configs if top.name.startswith(c.label + ":")), repositories)
-            except Exception as exc:  # the grid's ratios still stand
-                ctx.skipped["head to head"] = str(exc).replace("\n", " | ")[:1500]
-                log(f"head to head not measured: {exc}")
-
-        try:
-            overload = bench_overload(ctx, plan.configs, repositories, args.overload_queue_size,
-                                      args.overload_connections)
-        except Exception as exc:
-            overload = {"error": f"{exc.__class__.__name__}: {exc}"}
-
-        measure_floor(ctx, "end")
-
+                steps[name](run)
+            except Exception as exc:  # reported; the other sections still run
+                run.skipped[name] = f"{exc.__class__.__name__}: {exc}".replace("\n", " | ")[:1500]
+                log(f"{name} not measured: {exc}")
+        section_cost(run)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    ratios = goal_ratios(ctx.rows)
-    results = {
-        "command": command,
-        "quick": args.quick,
-        "settings": {"duration_s": plan.duration_s, "warmup_s": plan.warmup_s, "concurrency": plan.concurrency,
-                     "threads": plan.threads, "v2_concurrency": plan.v2_concurrency,
-                     "floor_batches": list(plan.floor_batches), "floor_iterations": plan.floor_iterations,
-                     "configs": [c.label for c in plan.configs], "image": str(args.image), "rounds": plan.rounds},
-        "machine": machine,
-        "rows": [r.to_dict() for r in ctx.rows],
-        "ratios": [vars(r) for r in ratios],
-        "overload": overload,
-        "skipped": ctx.skipped,
-    }
-
-    table = [r for r in ctx.rows if r.group != "h2h-round"]
-    print(markdown_table(table))
-    print()
-    print("\n".join(r.line() for r in ratios))
-    print()
-    print("\n".join(overload_lines(overload)))
-    for name, reason in ctx.skipped.items():
+    machine["bentoml"] = run.results.get("bentoml", "-")
+    print(f"\n{machine['date_utc']}, revision {machine['revision']}: {machine['cpu_model']}, "
+          f"{available_cpus()} usable CPUs; load average at the end {machine['load_average_at_end']}")
+    print(markdown_table(run.rows))
+    print("\n".join(["", *[r.text for r in run.ratios], *run.lines]))
+    if "overload" in run.results:
+        print("\n".join(["", run.results["overload"]["where"], *closedloop.lines(run.results["overload"])]))
+    if "rss" in run.results:
+        print("\n".join(["", *rss_lines(run.results["rss"])]))
+    for name, reason in run.skipped.items():
         print(f"not measured: {name}: {reason}")
-    write_json(args.output, results)
+    write_json(args.output, {
+        "command": command, "machine": machine, "sections": sections, "rows": [r.to_dict() for r in run.rows],
+        "ratios": [{"name": r.name, "value": r.value, "goal": r.goal, "met": r.met} for r in run.ratios],
+        "results": run.results, "skipped": run.skipped})
     log(f"wrote {args.output}")
-    docs = args.docs if args.docs is not None else (None if args.quick else ROOT / "docs" / "benchmarks.md")
-    if docs is not None and str(docs):
-        write_docs(docs, render_markdown(results, table, ratios))
-        log(f"wrote {docs}")
-    return 1 if any(c.label in ctx.skipped for c in plan.configs) else 0
+    if not args.no_docs and not args.only:
+        write_docs(args.docs, render(run, machine, command))
+        log(f"wrote {args.docs}")
+    return 1 if run.skipped else 0
 
 
 if __name__ == "__main__":

@@ -43,10 +43,11 @@ class Load:
 
 # --- Request bodies ------------------------------------------------------------------------------
 
-def multipart_body(image: bytes) -> tuple[bytes, str]:
-    """The body and content type bench/upload.lua sends: one PNG in form field ``file``."""
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+def multipart_body(image: bytes, image_type: str = "image/png") -> tuple[bytes, str]:
+    """The body and content type bench/upload.lua sends: one image in form field ``file``."""
+    name = "image." + image_type.removeprefix("image/")
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            f"Content-Type: {image_type}\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
     return body, f"multipart/form-data; boundary={BOUNDARY}"
 
 

@@ -66,11 +66,17 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes,
 
 
 async def _worker(host: str, port: int, request: bytes, queue: asyncio.Queue[float], tally: _Tally,
-                  timeout_s: float) -> None:
+                  timeout_s: float, connected: list[bool] | None = None) -> None:
     """One connection: take the next due request, send it, wait for its answer, repeat."""
     loop = asyncio.get_running_loop()
     writer: asyncio.StreamWriter | None = None
     reader: asyncio.StreamReader | None = None
+    if connected is not None:  # open the connection before the first arrival
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        except (TimeoutError, OSError):
+            pass
+        connected.append(writer is not None)
     while True:
         scheduled = await queue.get()
         tally.inflight += 1
@@ -101,11 +107,15 @@ async def _worker(host: str, port: int, request: bytes, queue: asyncio.Queue[flo
 
 
 async def _open_loop(host: str, port: int, request: bytes, rate: float, duration_s: float, connections: int,
-                     timeout_s: float) -> tuple[_Tally, int, int]:
+                     timeout_s: float, preconnect: bool) -> tuple[_Tally, int, int]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[float] = asyncio.Queue()
     tally = _Tally()
-    workers = [asyncio.create_task(_worker(host, port, request, queue, tally, timeout_s)) for _ in range(connections)]
+    connected: list[bool] | None = [] if preconnect else None
+    workers = [asyncio.create_task(_worker(host, port, request, queue, tally, timeout_s, connected))
+               for _ in range(connections)]
+    while connected is not None and len(connected) < connections:  # every connection open (or failed) first
+        await asyncio.sleep(0.01)
     offered = int(rate * duration_s)
     start = loop.time() + 0.05
     i = 0
@@ -132,13 +142,17 @@ def _percentile_ms(values: list[float], q: float) -> float:
 
 
 def run_open_loop(host: str, port: int, request: bytes, rate: float, duration_s: float, connections: int = 256,
-                  timeout_s: float = 10.0) -> dict[str, Any]:
+                  timeout_s: float = 10.0, preconnect: bool = False) -> dict[str, Any]:
     """Fire ``request`` at ``rate`` per second for ``duration_s`` over at most ``connections`` connections.
+
+    ``preconnect``: open every connection before the first arrival (a client's pool, already connected), so
+    that the run measures requests, not a storm of new connections; otherwise each opens on its first request.
 
     Returns counts by outcome and latency percentiles (ms) of the accepted (200) and refused (503) requests.
     """
     cpu, wall = time.process_time(), time.perf_counter()
-    tally, unsent, abandoned = _run(_open_loop(host, port, request, rate, duration_s, connections, timeout_s))
+    tally, unsent, abandoned = _run(_open_loop(host, port, request, rate, duration_s, connections, timeout_s,
+                                                 preconnect))
     statuses = np.array(tally.statuses, dtype=int)
     latencies = np.array(tally.latencies)
     service = np.array(tally.service)
@@ -148,6 +162,7 @@ def run_open_loop(host: str, port: int, request: bytes, rate: float, duration_s:
         "rate": rate,
         "duration_s": duration_s,
         "connections": connections,
+        "preconnect": preconnect,
         "offered": int(rate * duration_s),
         "sent": int(rate * duration_s) - unsent,
         "unsent": unsent,

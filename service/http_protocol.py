@@ -16,7 +16,8 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from service.middleware import new_request_id
 
@@ -30,6 +31,75 @@ def configure(header_timeout_seconds: float, record: Recorder) -> None:
     every request answered here before any app saw it (the app counts and logs it)."""
     global _header_timeout, _record
     _header_timeout, _record = header_timeout_seconds, record
+
+
+class _Held:
+    """Stands in for the transport while uvicorn writes a response's status line and headers: keeps them."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class _HeadFirst:
+    """Stands in for the transport while uvicorn writes a response's first body chunk: the head goes with it."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: asyncio.Transport, head: bytes) -> None:
+        self.transport, self.head = transport, head
+
+    def write(self, data: bytes) -> None:
+        head, self.head = self.head, b""
+        self.transport.write(head + data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def flush(self) -> None:
+        """Write the head if no body chunk took it (a HEAD request's answer has none)."""
+        if self.head:
+            head, self.head = self.head, b""
+            self.transport.write(head)
+
+
+class SingleWriteSend:
+    """A request-response cycle's ASGI ``send`` that writes the response's head with its first body chunk.
+
+    uvicorn writes the status line and headers when the app sends ``http.response.start`` and the body when it sends
+    ``http.response.body``: two ``write`` calls, two syscalls, and two wake-ups of the client for one small answer.
+    Keeping the head until the first body chunk makes it one; measured, about 10% less CPU per prediction request
+    (docs/benchmarks.md). Everything else is uvicorn's own ``send``, given a stand-in transport for the two messages.
+    """
+
+    __slots__ = ("cycle", "head")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle, self.head = cycle, b""
+
+    async def __call__(self, message: ASGISendEvent) -> None:
+        cycle, transport = self.cycle, self.cycle.transport
+        if message["type"] == "http.response.start" and not cycle.response_started:
+            stand_in: _Held | _HeadFirst = _Held()
+        elif self.head:
+            stand_in, self.head = _HeadFirst(transport, self.head), b""
+        else:
+            await RequestResponseCycle.send(cycle, message)
+            return
+        cycle.transport = stand_in  # type: ignore[assignment]
+        try:
+            await RequestResponseCycle.send(cycle, message)
+        finally:
+            cycle.transport = transport
+            if isinstance(stand_in, _HeadFirst) and not cycle.disconnected:
+                stand_in.flush()
+        if isinstance(stand_in, _Held):
+            self.head = stand_in.data
 
 
 class ServiceHttpProtocol(HttpToolsProtocol):
@@ -58,7 +128,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._cancel_header_timer()
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None:
+            # The new cycle's ASGI task has not run yet; it looks ``send`` up when it does.
+            self.cycle.send = SingleWriteSend(self.cycle)  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
