@@ -77,27 +77,14 @@ def log(message: str) -> None:
 # --- Servers -------------------------------------------------------------------------------------
 
 def ours(repository: Path, state: Path, workers: str = "auto") -> ServerSpec:
-    """``python -m service`` on its defaults; only the state store (a temporary file) and the gRPC port (any
-    free one, since two run at once) are set, and the worker count where a row says so."""
-    command = [sys.executable, "-m", "service", "--models-dir", str(repository), "--host", "127.0.0.1",
-               "--port", "{port}"]
-    return ServerSpec(name=f"ours, workers={workers}", command=command + ["--workers", workers],
-                      ready_path="/v2/health/ready", predict_path="/models/mnist/predict",
-                      env={"CONVSERVE_STATE_URL": f"sqlite:///{state}", "CONVSERVE_GRPC_PORT": "0"})
-
-
-def uvicorn_app(name: str, app: str, workers: int, env: dict[str, str]) -> ServerSpec:
-    return ServerSpec(
-        name=f"{name}, uvicorn workers={workers}",
-        command=[sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "{port}",
-                 "--no-access-log", "--log-level", "warning", "--workers", str(workers)],
-        ready_path="/openapi.json", predict_path="/predict", env={"THREADS": "1", **env})
+    """``python -m service`` on its defaults, but for the worker count where a row says so."""
+    return targets.service_defaults(f"ours, workers={workers}", repository, state, {"CONVSERVE_WORKERS": workers})
 
 
 def naive(workers: int) -> ServerSpec:
     """(a) the naive inline app: decode, resize to 28x28, one class."""
-    return uvicorn_app("(a) naive inline app", "bench.peers.inline_onnx_app:app", workers,
-                       {"MODEL": str(targets.MODEL_DIR / "1" / "model.onnx")})
+    return targets._uvicorn_app(f"(a) naive inline app, uvicorn workers={workers}",
+                                "bench.peers.inline_onnx_app:app", 1, workers=workers)
 
 
 def like_for_like(model: str, workers: int) -> ServerSpec:
@@ -105,10 +92,10 @@ def like_for_like(model: str, workers: int) -> ServerSpec:
     directory = ROOT / "models" / model
     version = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     digit = json.loads((directory / str(version) / "metadata.json").read_text()).get("digit", False)
-    spec = uvicorn_app(f"(d) like-for-like inline app ({model})", "bench.peers.inline_topk_app:app", workers,
-                       {"MODEL": str(directory / str(version) / "model.onnx"), "LABELS": str(directory / "labels.txt"),
-                        "DIGIT": "1" if digit else "0", "SIZE": "28" if digit else "32"})
-    return spec
+    return targets._uvicorn_app(
+        f"(d) like-for-like inline app ({model}), uvicorn workers={workers}", "bench.peers.inline_topk_app:app", 1,
+        env={"MODEL": str(directory / str(version) / "model.onnx"), "LABELS": str(directory / "labels.txt"),
+             "DIGIT": "1" if digit else "0", "SIZE": "28" if digit else "32"}, workers=workers)
 
 
 # --- Loads ---------------------------------------------------------------------------------------

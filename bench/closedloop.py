@@ -39,6 +39,7 @@ import uvloop
 from bench.load import multipart_body
 from bench.openloop import http_request, run_open_loop
 from bench.servers import RunningServer, ServerSpec, running
+from bench.targets import service_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_BACKOFF_S = 0.020
@@ -219,14 +220,8 @@ def generator_pinned(to: set[int] | None) -> Iterator[None]:
 
 def server_spec(repository: Path, state: Path, env: dict[str, str], core: str | None) -> ServerSpec:
     """One worker on ``core`` (``taskset``), every other setting its default unless ``env`` says otherwise."""
-    command = [sys.executable, "-m", "service", "--models-dir", str(repository), "--host", "127.0.0.1",
-               "--port", "{port}"]
-    return ServerSpec(
-        name="ours, 1 worker" + (f" on core {core}" if core else ""),
-        command=(["taskset", "-c", core] if core else []) + command,
-        ready_path="/v2/health/ready", predict_path="/models/mnist/predict",
-        env={"CONVSERVE_STATE_URL": f"sqlite:///{state}", "CONVSERVE_GRPC_PORT": "0", "CONVSERVE_WORKERS": "1",
-             **env})
+    return service_defaults("ours, 1 worker" + (f" on core {core}" if core else ""), repository, state,
+                            {"CONVSERVE_WORKERS": "1", **env}, core)
 
 
 # --- The overload run ----------------------------------------------------------------------------

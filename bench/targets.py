@@ -84,12 +84,24 @@ def ours(config: OursConfig, repositories: tuple[Path, Path], threads: int,
         ready_path="/v2/health/ready", predict_path="/models/mnist/predict", env=env)
 
 
+def service_defaults(name: str, repository: Path, state: Path, env: dict[str, str] | None = None,
+                     core: str | None = None) -> ServerSpec:
+    """``python -m service`` on its defaults but for a state store of its own (``state``, a SQLite file), any free
+    gRPC port (several run at once) and ``env``; with ``core``, pinned to that CPU with ``taskset``."""
+    command = [sys.executable, "-m", "service", "--models-dir", str(repository), "--host", "127.0.0.1",
+               "--port", "{port}"]
+    return ServerSpec(
+        name=name, command=(["taskset", "-c", core] if core else []) + command,
+        ready_path="/v2/health/ready", predict_path="/models/mnist/predict",
+        env={"CONVSERVE_STATE_URL": f"sqlite:///{state}", "CONVSERVE_GRPC_PORT": "0", **(env or {})})
+
+
 def _uvicorn_app(name: str, app: str, threads: int, start_timeout_s: float = 60.0,
-                 env: dict[str, str] | None = None) -> ServerSpec:
+                 env: dict[str, str] | None = None, workers: int = 1) -> ServerSpec:
     return ServerSpec(
         name=name,
         command=[sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "{port}",
-                 "--no-access-log", "--log-level", "warning"],
+                 "--no-access-log", "--log-level", "warning", "--workers", str(workers)],
         ready_path="/openapi.json", predict_path="/predict", start_timeout_s=start_timeout_s,
         env={"THREADS": str(threads), "MODEL": str(MODEL_DIR / "1" / "model.onnx"),
              "MODEL_DIR": str(MODEL_DIR / "1"), **(env or {})})

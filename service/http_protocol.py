@@ -1,4 +1,4 @@
-"""The HTTP protocol uvicorn runs for the service: uvicorn's own httptools protocol, with two changes.
+"""The HTTP protocol uvicorn runs for the service: uvicorn's own httptools protocol, with three changes.
 
 - A request its parser refuses (two ``Content-Length`` headers, ``Content-Length`` with ``Transfer-Encoding``,
   ``Content-Length: +2``, a broken request line) is answered like every other error: a JSON body, an
@@ -8,6 +8,7 @@
   for its first request): otherwise 408 and the connection is closed. uvicorn has no such bound, so connections that
   send nothing or half a header block stayed open for good, one file descriptor each, until ``accept`` failed for
   everyone (slowloris). A body's progress is bounded where it is read (``service.rest.body``).
+- A response's status line and headers are written with its first body chunk, in one ``write`` (SingleWriteSend).
 """
 
 from __future__ import annotations
