@@ -35,6 +35,7 @@ from service.errors import (
     ServingError,
     Unauthorized,
 )
+from service.json_bodies import JsonDecoder
 from service.limits import check_images, finite_outputs
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
@@ -110,10 +111,12 @@ class DataPlane:
                                         settings.max_request_pixels)
         self.decoder = DecodePool(settings.decode_threads, self.image_limits, settings.inline_decode_pixels,
                                   settings.request_timeout_seconds)
+        self.json_decoder = JsonDecoder()
         self.rollouts = Rollouts(settings, repository, metrics, state, self.decoder)
 
     def close(self) -> None:
         self.decoder.close()
+        self.json_decoder.close()
 
     # Lookup, metadata and readiness -----------------------------------------------------------
 

@@ -117,6 +117,14 @@ class ClientDisconnected(ServingError):
     status = 499
 
 
+class DecoderStopped(ServingError):
+    """The worker's JSON process (:mod:`service.json_bodies`) stopped, killed or out of memory, while it decoded
+    the request's body."""
+
+    status = 503
+    headers = {"Retry-After": "1"}
+
+
 class InferenceFailed(ServingError):
     status = 500
 

@@ -1,37 +1,23 @@
 """Bounds on the work and the answer of one request, checked before the work is done.
 
-Declared tensor sizes are checked before any JSON list is converted; large bodies are parsed and
-converted on a worker thread so that the event loop (health probes, other clients) keeps answering;
-the response size is known before the model runs; and non-finite model outputs never reach a client
-or the metrics.
+Declared tensor sizes are checked before any JSON list is converted (large bodies are parsed and converted
+where the event loop does not wait: :mod:`service.json_bodies`); the response size is known before the model
+runs; and non-finite model outputs never reach a client or the metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from service.errors import InvalidInput, NonFiniteOutput
 
-T = TypeVar("T")
-
-OFF_LOOP_BYTES = 256 * 1024
-"""Bodies from this size on are parsed and converted on a worker thread: a 20 MB JSON tensor takes seconds
-to convert, while below this the thread hop would cost more than the work."""
 JSON_FP32_BYTES = 16  # the longest FP32 orjson writes ("-1.1754944e-38") and its comma
 JSON_VALUE_BYTES = 26  # the longest FP64 or INT64 ("-2.2250738585072014e-308") and its comma
 CLASSIFICATION_BYTES = 40  # "0.999999:123:" in quotes with its length prefix or comma, before the label
-
-
-async def off_loop(size: int, work: Callable[..., T], *args: Any) -> T:
-    """Run ``work(*args)`` here when its input (``size`` bytes) is small, else on a worker thread."""
-    if size < OFF_LOOP_BYTES:
-        return work(*args)
-    return await asyncio.to_thread(work, *args)
 
 
 def check_rows(rows: int, max_rows: int) -> None:

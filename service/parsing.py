@@ -17,7 +17,6 @@ from service.errors import InvalidInput
 MAX_DIGITS = 18  # any count a client may mean fits in int64; int() never sees a longer string
 _ASCII_DIGITS = frozenset("0123456789")
 # numpy kinds a JSON tensor may infer to, per target kind: integers and floats for numbers, booleans for BOOL.
-FLAT_CHUNK = 65536  # values per numpy call when a long flat list is converted
 _ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 
 
@@ -54,21 +53,7 @@ def positive_int(value: Any, what: str, *, text_allowed: bool) -> int:
 
 def strict_array(data: Any, dtype: np.dtype[Any], where: str, type_name: str) -> np.ndarray:
     """A (nested) JSON list as an array of ``dtype``, refusing strings, nulls, objects and mixed kinds:
-    numbers for numeric types (integers only for integer types), booleans only for BOOL.
-
-    A long list is converted a slice at a time: each numpy call holds the GIL while it runs, and a
-    worker thread converting a 20 MB tensor in one call would stall the event loop just the same."""
-    if isinstance(data, list) and len(data) > 1 and (isinstance(data[0], list) or len(data) > FLAT_CHUNK):
-        step = 1 if isinstance(data[0], list) else FLAT_CHUNK
-        parts = [_strict(data[i:i + step], dtype, where, type_name) for i in range(0, len(data), step)]
-        try:
-            return np.concatenate(parts)
-        except ValueError:  # rows of different shapes
-            raise InvalidInput(f"{where}: data is not a regular array of {type_name} values") from None
-    return _strict(data, dtype, where, type_name)
-
-
-def _strict(data: Any, dtype: np.dtype[Any], where: str, type_name: str) -> np.ndarray:
+    numbers for numeric types (integers only for integer types), booleans only for BOOL."""
     try:
         inferred = np.asarray(data)
     except (ValueError, TypeError, OverflowError):

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.dataplane import ranked_classes
 from service.errors import InvalidInput
 from service.limits import CLASSIFICATION_BYTES, JSON_FP32_BYTES, JSON_VALUE_BYTES
-from service.repository import ModelVersion
+
+if TYPE_CHECKING:  # the JSON decoding process loads this module, and none of the server's
+    from service.repository import ModelVersion
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -71,6 +72,8 @@ def output_tensor(values: np.ndarray) -> tuple[str, np.ndarray]:
 
 def classification(mv: ModelVersion, name: str, scores: np.ndarray, k: int) -> np.ndarray:
     """Triton's classification extension: the k best ``"score:index[:label]"`` per row of an output."""
+    from service.dataplane import ranked_classes  # here: see the imports
+
     if scores.ndim != 2:
         raise InvalidInput(f"classification needs an output of shape [N, classes]; {name} has {list(scores.shape)}")
     with_labels = name == mv.output.name  # the labels belong to the class-probabilities output

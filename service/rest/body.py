@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
-import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from service import tracing
-from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, RequestTimeout
+from service.errors import ClientDisconnected, PayloadTooLarge, RequestTimeout
 from service.parsing import ascii_count
 
 
@@ -60,13 +58,6 @@ async def _read_body(request: Request, limit: int, idle_timeout: float | None) -
     body = b"".join(chunks)
     request._body = body  # later parsers (multipart) read the cached body
     return body
-
-
-def parse_json(data: bytes | memoryview) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON ({exc.msg} at position {exc.pos})") from None
 
 
 def disconnect_probe(request: Request) -> Callable[[], bool] | None:

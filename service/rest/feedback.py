@@ -22,10 +22,11 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane
 from service.errors import PayloadTooLarge, StateUnavailable, UnprocessableInput
+from service.json_bodies import parse_json
 from service.middleware import REQUEST_ID_RE
 from service.repository import ModelVersion
 from service.responses import json_response
-from service.rest.body import parse_json, read_body
+from service.rest.body import read_body
 from service.rest.schemas import ERRORS
 from service.state import State
 from service.state.store import Label

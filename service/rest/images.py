@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,11 +9,11 @@ from starlette.responses import Response
 
 from service import tracing
 from service.dataplane import DataPlane, top_k
-from service.errors import InvalidInput, UnsupportedMediaType
-from service.limits import check_images, off_loop
+from service.errors import UnsupportedMediaType
+from service.json_bodies import decode_images
 from service.parsing import positive_int
 from service.responses import json_response
-from service.rest.body import disconnect_probe, media_type, parse_json, read_body, rollout_key, version_header
+from service.rest.body import disconnect_probe, media_type, read_body, rollout_key, version_header
 from service.rest.multipart import parse_multipart
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, ModelsResponse, PredictResponse
@@ -61,22 +59,9 @@ async def _images_from_request(request: Request, limit: int, max_images: int) ->
         return [await read_body(request, limit)], None, True
     if kind == "application/json":
         body = await read_body(request, limit)
-        with tracing.stage("parse json"):
-            payload = await off_loop(len(body), parse_json, body)  # a large body is parsed on a worker thread
-        if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
-            raise InvalidInput('JSON body must be {"images": ["<base64>", ...], "top_k": k}')
-        check_images(len(payload["images"]), max_images)  # before millions of strings are decoded
-        images = []
-        for i, item in enumerate(payload["images"]):
-            if not isinstance(item, str):
-                raise InvalidInput(f"images[{i}] must be a base64 string")
-            if item.startswith("data:") and "," in item:
-                item = item.split(",", 1)[1]  # a data: URL from a browser
-            try:
-                images.append(base64.b64decode(item, validate=True))
-            except (binascii.Error, ValueError):
-                raise InvalidInput(f"images[{i}] is not valid base64") from None
-        return images, payload.get("top_k"), False
+        with tracing.stage("parse json"):  # a large body in the worker's JSON process
+            images, k = await request.app.state.dataplane.json_decoder.run(len(body), decode_images, body, max_images)
+        return images, k, False
     raise UnsupportedMediaType(
         f"unsupported content type {kind or '(none)'!r}: send multipart/form-data, image/*, or application/json")
 

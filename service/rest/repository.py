@@ -13,9 +13,10 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
+from service.json_bodies import parse_json
 from service.repository import valid_name
 from service.responses import json_response
-from service.rest.body import parse_json, read_body
+from service.rest.body import read_body
 from service.rest.schemas import ERRORS
 
 router = APIRouter(tags=["model repository (admin)"])

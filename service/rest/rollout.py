@@ -19,8 +19,9 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane
 from service.errors import UnprocessableInput
+from service.json_bodies import parse_json
 from service.responses import json_response
-from service.rest.body import parse_json, read_body
+from service.rest.body import read_body
 from service.rest.repository import AUTH_ERRORS, authorize
 from service.rest.schemas import ERRORS
 

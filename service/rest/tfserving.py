@@ -6,29 +6,22 @@ values; those go through the same image preprocessing as uploads.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import tracing
 from service.dataplane import DataPlane, Prediction
-from service.errors import InvalidInput, ModelNotFound
-from service.limits import check_json_items, check_rows, nested_budget, off_loop
-from service.parsing import strict_array
+from service.errors import ModelNotFound
+from service.json_bodies import TensorSpec, decode_tf
 from service.repository import FAILED, READY, VERSION_LABELS, VersionStatus
 from service.responses import json_response
-from service.rest.body import disconnect_probe, parse_json, read_body, rollout_key, version_header
+from service.rest.body import disconnect_probe, read_body, rollout_key, version_header
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, TFModelStatus, TFPredictRequest, TFPredictResponse
 
 router = APIRouter(tags=["tensorflow serving rest"], route_class=InferenceRoute)
-
-FP32 = np.dtype(np.float32)
 
 TF_DTYPES = {"FP32": "DT_FLOAT", "FP64": "DT_DOUBLE", "UINT8": "DT_UINT8", "INT32": "DT_INT32", "INT64": "DT_INT64"}
 PREDICT_DOCS: dict[str, Any] = {
@@ -80,72 +73,22 @@ def _metadata(request: Request, name: str, version: str | None) -> Response:
     })
 
 
-def _is_b64(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"b64"}
-
-
-def _b64(value: dict[str, Any], where: str) -> bytes:
-    try:
-        return base64.b64decode(value["b64"], validate=True)
-    except (binascii.Error, ValueError, TypeError):
-        raise InvalidInput(f"{where}: b64 is not valid base64") from None
-
-
-def _tensor(values: Any, where: str) -> np.ndarray:
-    """Numbers only: strings (``"1e3"``), booleans and nulls are refused, not coerced."""
-    try:
-        return strict_array(values, FP32, where, "FP32")
-    except InvalidInput:
-        raise InvalidInput(f"{where}: not a regular numeric array") from None
-
-
 async def _predict(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     async with dataplane.admitted(name, version, rollout_key(request)) as mv:
         gone = disconnect_probe(request)
         request_id = request.scope.get("request_id")
         body = await read_body(request, dataplane.settings.max_body_bytes)
-        with tracing.stage("parse json"):
-            payload = await off_loop(len(body), parse_json, body)
-        if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
-            raise InvalidInput('request must be a JSON object with either "instances" or "inputs"')
-        input_name = mv.input.name
-        row_format = "instances" in payload
-        values = payload["instances" if row_format else "inputs"]
-        if row_format:
-            if not isinstance(values, list) or not values:
-                raise InvalidInput("instances must be a non-empty list")
-            if all(isinstance(v, dict) and not _is_b64(v) for v in values):
-                if any(set(v) != {input_name} for v in values):
-                    raise InvalidInput(f"each instance must have exactly the input {input_name!r}")
-                values = [v[input_name] for v in values]
-        elif isinstance(values, dict) and not _is_b64(values):
-            if set(values) != {input_name}:
-                raise InvalidInput(f"inputs must name exactly the input {input_name!r}")
-            values = values[input_name]
-
+        with tracing.stage("decode"):  # a large body in the worker's JSON process
+            decoded = await dataplane.json_decoder.run(len(body), decode_tf, body,
+                                                       TensorSpec.of(mv, dataplane.settings.max_request_rows))
         result: Prediction
-        if isinstance(values, list) and values and all(_is_b64(v) for v in values):
-            images = [_b64(v, f"instance {i}") for i, v in enumerate(values)]
-            result = await dataplane.infer_images(mv, images, gone, request_id)
-        elif _is_b64(values):
-            result = await dataplane.infer_images(mv, [_b64(values, "inputs")], gone, request_id)
+        if decoded.images is not None:
+            result = await dataplane.infer_images(mv, decoded.images, gone, request_id)
         else:
-            # Before converting a huge list: the rows, and what the lists hold (an instance is one row).
-            row_shape = [max(int(d), 1) for d in mv.input.shape[1:]]
-            row_budget = nested_budget(math.prod(row_shape), len(row_shape))
-            if row_format:
-                check_rows(len(values), dataplane.settings.max_request_rows)
-                for i, instance in enumerate(values):
-                    check_json_items(instance, row_budget, f"instance {i}")
-            else:
-                check_json_items(values, nested_budget(dataplane.settings.max_request_rows * math.prod(row_shape),
-                                                       len(row_shape) + 1), "inputs")
-            with tracing.stage("decode"):
-                tensor = await off_loop(len(body), _tensor, values, "instances" if row_format else "inputs")
-                rows = dataplane.check_rows(mv, tensor)
-            result = await dataplane.infer(mv, rows, gone, request_id)
-    key = "predictions" if row_format else "outputs"
+            assert decoded.tensor is not None
+            result = await dataplane.infer(mv, dataplane.check_rows(mv, decoded.tensor), gone, request_id)
+    key = "predictions" if decoded.row_format else "outputs"
     return json_response({key: result.probabilities}, headers=version_header(mv.version))
 
 

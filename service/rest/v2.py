@@ -9,36 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import __version__, tracing
 from service.batching import Outputs
 from service.dataplane import DataPlane
-from service.errors import InvalidInput
-from service.limits import check_declared_shape, check_json_items, check_response_bytes, nested_budget, off_loop
-from service.parsing import ascii_count, json_count, strict_array
+from service.json_bodies import V2_HEADER_LENGTH, TensorSpec, V2Request, decode_v2, v2_json_size
+from service.limits import check_response_bytes
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
-from service.rest.body import disconnect_probe, parse_json, read_body, rollout_key, version_header
+from service.rest.body import disconnect_probe, read_body, rollout_key, version_header
 from service.rest.routing import InferenceRoute
 from service.rest.schemas import ERRORS, ServerMetadata, V2InferRequest, V2InferResponse, V2ModelMetadata
-from service.v2_tensors import (
-    EXTENSIONS,
-    bytes_tensor,
-    classification,
-    element_count,
-    from_buffer,
-    output_tensor,
-    response_bytes,
-    shaped,
-    tensor_dtype,
-)
+from service.v2_tensors import EXTENSIONS, bytes_tensor, classification, output_tensor, response_bytes
 
 router = APIRouter(tags=["open inference protocol (v2)"], route_class=InferenceRoute)
-
-HEADER_LENGTH = "inference-header-content-length"
 
 INFER_DOCS: dict[str, Any] = {
     "requestBody": {
@@ -50,82 +36,12 @@ INFER_DOCS: dict[str, Any] = {
 }
 
 
-# --- Decoding requests -------------------------------------------------------------------------
-
-def _split_body(header: str | None, body: bytes) -> tuple[Any, memoryview]:
-    """The JSON header and the binary section that follows it (binary tensor extension); ``header`` is the
-    Inference-Header-Content-Length value."""
-    if header is None:
-        return parse_json(body), memoryview(b"")
-    n = ascii_count(header, HEADER_LENGTH)
-    if n > len(body):
-        raise InvalidInput(f"{HEADER_LENGTH} must be a byte count no larger than the body")
-    view = memoryview(body)
-    return parse_json(view[:n]), view[n:]
-
-
-def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int,
-                  row_shape: tuple[int, ...], max_rows: int) -> tuple[np.ndarray, int]:
-    """Decode one request input to an ndarray; returns it and the new offset in the binary section.
-
-    JSON data declared beyond ``max_rows`` rows of ``row_shape`` is refused before it is converted (binary data
-    is sized exactly by its shape, at no cost)."""
-    name = spec.get("name")
-    datatype = spec.get("datatype")
-    shape = spec.get("shape")
-    count = element_count(name, shape)
-    dtype = tensor_dtype(name, datatype)
-    parameters = spec.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput(f"input {name!r}: parameters must be an object")
-    size = parameters.get("binary_data_size")
-    if size is not None:
-        if type(size) is not int or size < 0 or offset + size > len(binary):
-            raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the binary section")
-        return from_buffer(name, datatype, shape, binary[offset:offset + size]), offset + size
-    data = spec.get("data")
-    if not isinstance(data, list):
-        raise InvalidInput(f"input {name!r}: needs data (a list) or parameters.binary_data_size")
-    check_declared_shape(shape, row_shape, max_rows, f"input {name!r}")  # before a huge list is converted
-    check_json_items(data, nested_budget(count, len(shape)), f"input {name!r}")  # the data, not only the shape
-    array = strict_array(data, dtype, f"input {name!r}", datatype)
-    if array.size != count:
-        raise InvalidInput(f"input {name!r}: {array.size} values for shape {shape} (expected {count})")
-    return shaped(array, shape, name), offset
-
-
-def _requested_outputs(payload: dict[str, Any], mv: ModelVersion) -> list[tuple[str, bool, int]]:
-    """(name, binary, classification k) for each output to return."""
-    parameters = payload.get("parameters") or {}
-    binary_default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output", False))
-    requested = payload.get("outputs")
-    known = {s.name for s in mv.runtime.outputs}
-    if not requested:
-        return [(name, binary_default, 0) for name in sorted(known)]
-    if not isinstance(requested, list):
-        raise InvalidInput("outputs must be a list")
-    result = []
-    seen: set[str] = set()
-    for out in requested:
-        if not isinstance(out, dict) or not isinstance(out.get("name"), str) or out["name"] not in known:
-            raise InvalidInput(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}; "
-                               f"this model has {sorted(known)}")
-        if out["name"] in seen:  # each copy would be answered in full: a cheap request for a huge response
-            raise InvalidInput(f"output {out['name']!r} is requested more than once")
-        seen.add(out["name"])
-        params = out.get("parameters") or {}
-        k = json_count(params.get("classification", 0) if isinstance(params, dict) else 0, "classification")
-        binary = params.get("binary_data", binary_default) if isinstance(params, dict) else binary_default
-        result.append((out["name"], bool(binary), k))
-    return result
-
-
 # --- Encoding responses ------------------------------------------------------------------------
 
-def _infer_response(mv: ModelVersion, outputs: Outputs, payload: dict[str, Any]) -> Response:
+def _infer_response(mv: ModelVersion, outputs: Outputs, request: V2Request) -> Response:
     entries = []
     blobs: list[bytes] = []
-    for name, binary, k in _requested_outputs(payload, mv):
+    for name, binary, k in request.outputs:
         if k:
             values = classification(mv, name, outputs[name], k)
             datatype, raw = "BYTES", bytes_tensor(values) if binary else None
@@ -140,8 +56,8 @@ def _infer_response(mv: ModelVersion, outputs: Outputs, payload: dict[str, Any])
             entry["data"] = values.ravel().tolist() if datatype == "BYTES" else values.ravel()
         entries.append(entry)
     response: dict[str, Any] = {"model_name": mv.name, "model_version": str(mv.version), "outputs": entries}
-    if isinstance(payload.get("id"), str):
-        response["id"] = payload["id"]
+    if request.id is not None:
+        response["id"] = request.id
     header = dumps(response)
     if not blobs:
         return Response(header, media_type="application/json", headers=version_header(mv.version))
@@ -149,34 +65,19 @@ def _infer_response(mv: ModelVersion, outputs: Outputs, payload: dict[str, Any])
                     headers={"Inference-Header-Content-Length": str(len(header)), **version_header(mv.version)})
 
 
-def _decode_request(header: str | None, body: bytes, mv: ModelVersion, max_rows: int) -> tuple[Any, np.ndarray]:
-    """The JSON payload and the input tensor of a request body (on a worker thread when the body is large)."""
-    payload, binary = _split_body(header, body)
-    if not isinstance(payload, dict):
-        raise InvalidInput("inference request must be a JSON object")
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InvalidInput(f"inference request needs exactly one input, {mv.input.name!r}")
-    if inputs[0].get("name") != mv.input.name:
-        raise InvalidInput(f"unknown input {inputs[0].get('name')!r}; this model takes {mv.input.name!r}")
-    _requested_outputs(payload, mv)  # reject bad output requests before converting data or running the model
-    tensor, _ = _input_tensor(inputs[0], binary, 0, tuple(mv.input.shape[1:]), max_rows)
-    return payload, tensor
-
-
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     dataplane: DataPlane = request.app.state.dataplane
     settings = dataplane.settings
     async with dataplane.admitted(name, version, rollout_key(request)) as mv:
         body = await read_body(request, settings.max_body_bytes)
-        with tracing.stage("decode"):
-            payload, tensor = await off_loop(len(body), _decode_request, request.headers.get(HEADER_LENGTH), body,
-                                             mv, settings.max_request_rows)
-            rows = dataplane.check_rows(mv, tensor)
-        check_response_bytes(response_bytes(mv, len(rows), _requested_outputs(payload, mv)),
-                             settings.max_response_bytes)
+        header = request.headers.get(V2_HEADER_LENGTH)
+        with tracing.stage("decode"):  # a large JSON part in the worker's JSON process
+            decoded = await dataplane.json_decoder.run(v2_json_size(header, body), decode_v2, header, body,
+                                                       TensorSpec.of(mv, settings.max_request_rows))
+            rows = dataplane.check_rows(mv, decoded.tensor)
+        check_response_bytes(response_bytes(mv, len(rows), decoded.outputs), settings.max_response_bytes)
         result = await dataplane.infer(mv, rows, disconnect_probe(request), request.scope.get("request_id"))
-        return _infer_response(result.model, result.outputs, payload)
+        return _infer_response(result.model, result.outputs, decoded)
 
 
 # --- Routes ------------------------------------------------------------------------------------
