@@ -6,18 +6,23 @@ children are resolved once per model version (:class:`VersionMetrics`), not per 
 With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor), every worker writes
 its values to files there and a scrape, answered by any worker, reads them all: counters and histograms
 are summed over workers (dead ones included, so they never go backwards), in-flight and queued rows are
-summed over live workers, loaded versions are the most any live worker has.
+summed over live workers, loaded versions are the most any live worker has. A dead worker's counters and
+histograms are folded into one archive file per type (:func:`compact_dead_process`), so a scrape reads a file per
+live worker and type plus two, however many workers have been replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 from prometheus_client.samples import Exemplar
@@ -32,6 +37,49 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 def multiprocess_dir() -> str | None:
     """Where the workers' metric files are, when prometheus_client runs in multiprocess mode."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+ARCHIVED_KINDS = ("counter", "histogram")  # every gauge of ours is live*: mark_process_dead removes a dead one's
+
+
+@contextlib.contextmanager
+def _files_locked(directory: str, how: int) -> Iterator[None]:
+    """The metric files held still: shared by scrapes, exclusive while a dead worker's files are folded away (a
+    scrape that listed them must not find one gone, or count one twice)."""
+    fd = os.open(os.path.join(directory, ".lock"), os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def compact_dead_process(directory: str, pid: int) -> None:
+    """Fold a dead worker's counter and histogram files into ``<kind>_archive.db``, with prometheus_client's own
+    merge (``accumulate=False``, its form for writing merged values back), and remove them; counters keep every
+    count. Each dead worker's files otherwise stay for good and cost every scrape: measured, 5.5 ms a scrape with
+    two workers, 12.7 ms after ten replacements."""
+    with _files_locked(directory, fcntl.LOCK_EX):
+        for kind in ARCHIVED_KINDS:
+            dead = os.path.join(directory, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            archive = os.path.join(directory, f"{kind}_archive.db")
+            merged = MultiProcessCollector.merge([f for f in (archive, dead) if os.path.exists(f)], accumulate=False)
+            staged = archive + ".new"  # not a *.db file: no scrape reads it before it replaces the archive
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+            out = MmapedDict(staged)
+            try:
+                for metric in merged:
+                    for sample in metric.samples:
+                        key = mmap_key(metric.name, sample.name, list(sample.labels), list(sample.labels.values()),
+                                       metric.documentation)
+                        out.write_value(key, sample.value, 0.0)
+            finally:
+                out.close()
+            os.replace(staged, archive)
+            os.unlink(dead)
 
 
 class Metrics:
@@ -133,7 +181,12 @@ class Metrics:
         ``Accept`` asks for, and its content type: Prometheus text, or, while tracing is on, OpenMetrics with the
         traces' exemplars when the scraper asks for it."""
         directory = multiprocess_dir()
-        source: Any = self.registry if directory is None else MultiProcessCollector(None, path=directory)
+        if directory is None:
+            return self._exposition(self.registry, accept)
+        with _files_locked(directory, fcntl.LOCK_SH):
+            return self._exposition(MultiProcessCollector(None, path=directory), accept)
+
+    def _exposition(self, source: Any, accept: str) -> tuple[bytes, str]:
         if self.exemplars is None:  # without tracing there is nothing OpenMetrics would add: the text format
             return generate_latest(source), CONTENT_TYPE_LATEST
         encoder, content_type = choose_encoder(accept)

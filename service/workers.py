@@ -37,7 +37,7 @@ from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from service import cluster
+from service import cluster, metrics
 from service.app import create_app
 from service.http_protocol import ServiceHttpProtocol
 from service.settings import Settings
@@ -77,6 +77,7 @@ class Supervisor(Multiprocess):
         for process in before:
             if process.pid is not None and process.exitcode is not None:
                 multiprocess.mark_process_dead(process.pid, str(self.metrics_dir))
+                metrics.compact_dead_process(str(self.metrics_dir), process.pid)
                 (self.metrics_dir / f"exemplars_{process.pid}.json").unlink(missing_ok=True)  # service.tracing
                 cluster.forget_worker(self.state_dir, process.pid)
                 self.startup_failed = self.startup_failed or process.exitcode == STARTUP_FAILURE
