@@ -2,22 +2,23 @@
 
 Every server is a subprocess on a free loopback port, checked for a right answer before it is measured, and
 stopped whatever happens; convserve runs on its defaults (workers auto, the bundled config.pbtxt files, access
-log and prediction log on) with a state store in a temporary directory. Sections, in order:
+log and prediction log on) with a state store in a temporary directory. The sections ``--only`` takes, in order:
 
 1. scaling: ours with 1 worker and with ``auto`` (one per usable CPU), multipart uploads;
 2. digits (mnist, tests/data/mnist/0000.png): ours against (a) the naive inline app (bench/peers/inline_onnx_app.py:
    resize to 28x28, one class) and (d) the like-for-like inline app (bench/peers/inline_topk_app.py: MNIST
    normalisation, top 5 with labels), each under uvicorn with 1 and with N workers, the better counting:
-   raw PNG bodies and multipart uploads; v2 JSON (a tensor, so no image work) against (a);
-3. CIFAR-10 (tests/data/cifar10/cat_1.jpg): one colour JPEG per request, ours against (d) serving cifar10
+   raw PNG bodies and multipart uploads; v2 JSON (a tensor, so no image work) against (a); with it, the RSS per
+   process of ours on its defaults and of the inline app;
+3. cifar10 (tests/data/cifar10/cat_1.jpg): one colour JPEG per request, ours against (d) serving cifar10
    (decode to RGB 32x32, top 5 with labels), raw and multipart;
-4. serving frameworks, each on the multipart upload: (b) Keras ``model.predict`` in FastAPI and (c) BentoML (its
+4. frameworks, each on the multipart upload: (b) Keras ``model.predict`` in FastAPI and (c) BentoML (its
    own venv, bench/.venv-bentoml, created on first use);
-5. cost: ours' server CPU per multipart request (the whole process tree) over the in-process cost of the same
-   work (decode, normalisation, its share of a batch-32 inference, top 5);
-6. overload (bench/closedloop.py): one worker pinned to one core, the load generator on another; 32 and 512
-   polite clients, 512 impatient ones, open-loop arrivals at twice the c=32 goodput;
-7. memory: RSS per process of ours on its defaults and of the inline app.
+5. overload (bench/closedloop.py): one worker pinned to one core, the load generator on another; 32 and 512
+   polite clients, 512 impatient ones, open-loop arrivals at twice the c=32 goodput.
+
+After them, always: the cost, ours' server CPU per multipart request (the whole process tree) over the in-process
+cost of the same work (decode, normalisation, its share of a batch-32 inference, top 5).
 
 Closed-loop rows are wrk at c=32, in alternating rounds (requests and CPU summed, latency the rounds' median).
 The table, every ratio with its goal, and the overload rows are printed; the results go to
@@ -359,7 +360,8 @@ def render(run: Run, machine: dict[str, Any], command: str) -> str:
         "",
         "- **ours**: `python -m service` on its defaults: workers `auto` (one per usable CPU), the bundled "
         "config.pbtxt files, batches where `auto` puts them, the admission gate, access log and prediction log "
-        "on; only its state store (a temporary SQLite file) and gRPC port (any free one) are set.",
+        "on; only its state store (a temporary SQLite file) is set, and gRPC is off (`CONVSERVE_GRPC_PORT=0`: "
+        "several servers run at once, and the figures compare HTTP).",
         "- **(a) naive inline app** (bench/peers/inline_onnx_app.py): FastAPI, Pillow `convert('L').resize((28, "
         "28))`, `session.run` inline, one class. It does less work than ours per image.",
         "- **(d) like-for-like inline app** (bench/peers/inline_topk_app.py): the same, doing what ours does per "

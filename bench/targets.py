@@ -86,8 +86,8 @@ def ours(config: OursConfig, repositories: tuple[Path, Path], threads: int,
 
 def service_defaults(name: str, repository: Path, state: Path, env: dict[str, str] | None = None,
                      core: str | None = None) -> ServerSpec:
-    """``python -m service`` on its defaults but for a state store of its own (``state``, a SQLite file), any free
-    gRPC port (several run at once) and ``env``; with ``core``, pinned to that CPU with ``taskset``."""
+    """``python -m service`` on its defaults but for a state store of its own (``state``, a SQLite file), gRPC off
+    (several run at once; the figures compare HTTP) and ``env``; with ``core``, pinned to that CPU with ``taskset``."""
     command = [sys.executable, "-m", "service", "--models-dir", str(repository), "--host", "127.0.0.1",
                "--port", "{port}"]
     return ServerSpec(

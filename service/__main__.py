@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runtime", choices=["onnx", "tensorflow"], help="model backend (default: onnx)")
     parser.add_argument("--workers", help="worker processes: auto (one per usable CPU, the default) or a number")
     parser.add_argument("--inference-threads", type=int, help="intra-op threads per model (0: per the workers)")
-    parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.add_argument("--log-level", help="debug, info, warning, error or critical")
     return parser.parse_args(argv)
 
 
