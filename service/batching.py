@@ -20,6 +20,7 @@ loop only speaks HTTP and one thread hop serves the whole batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -101,6 +102,7 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()  # a full batch is queued: the wait for company (max_queue_delay) ends
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -219,6 +221,8 @@ class Batcher:
         self._queued_rows += n
         self._idle.clear()
         self._wakeup.set()
+        if self._queued_rows >= self.config.max_batch_size:
+            self._full.set()
         return item.future
 
     async def _run(self) -> None:
@@ -234,8 +238,11 @@ class Batcher:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if delay and self._queued_rows < max_rows:
-                await asyncio.sleep(delay)
+            if delay and self._queued_rows < max_rows:  # wait for company, but not once a full batch is here
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._full.wait()
             elif self.config.on_loop:
                 await asyncio.sleep(0)  # the loop's other ready requests join this batch (and answers go out)
             batch = self._take(max_rows)

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from service.__main__ import Server
 from service.app import create_app
 from service.settings import Settings
+from tests.support.workers import answered_by, clients_on_each_worker, close_all
 
 BOUNDARY = "convserve-test-boundary"
 
@@ -39,24 +40,30 @@ def probe(url: str) -> int | str:
         return type(exc).__name__
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_drains_in_flight_requests_then_exits_0(start_service, tiny_repo, mnist_pngs, workers):
-    """One process, or a supervisor and two workers: every worker drains."""
+    """One process, or a supervisor and two workers: every worker drains. The uploads go over keep-alive
+    connections opened beforehand, the same number to each worker (by pid), so every worker holds some."""
     drain = 10.0
-    service = start_service(tiny_repo, CONVSERVE_DRAIN_SECONDS=str(drain), CONVSERVE_WORKERS=workers)
+    service = start_service(tiny_repo, CONVSERVE_DRAIN_SECONDS=str(drain), CONVSERVE_WORKERS=str(workers),
+                            CONVSERVE_ACCESS_LOG="true")
+    clients = clients_on_each_worker(service, workers, 6 // workers, "connection-")
+    uploads = [(pid, client, f"upload-{pid}-{i}") for pid, on_worker in clients.items()
+               for i, client in enumerate(on_worker)]
     results: list[object] = []
-    started = [threading.Event() for _ in range(6)]
+    started = [threading.Event() for _ in uploads]
 
-    def upload(event: threading.Event, png: bytes) -> None:
+    def upload(client: httpx.Client, request_id: str, event: threading.Event, png: bytes) -> None:
         try:
-            response = httpx.post(f"{service.url}/models/digits/predict", content=slow_multipart(png, event),
-                                  headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
-                                  timeout=30)
+            response = client.post("/models/digits/predict", content=slow_multipart(png, event),
+                                   headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}",
+                                            "x-request-id": request_id}, timeout=30)
             results.append((response.status_code, response.json()))
         except Exception as exc:  # noqa: BLE001 - recorded and asserted below
             results.append(exc)
 
-    threads = [threading.Thread(target=upload, args=(event, png)) for event, png in zip(started, mnist_pngs)]
+    threads = [threading.Thread(target=upload, args=(client, request_id, event, png))
+               for (_, client, request_id), event, png in zip(uploads, started, mnist_pngs)]
     for thread in threads:
         thread.start()
     assert all(event.wait(10) for event in started), "uploads did not start"
@@ -76,10 +83,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(start_service, tiny_repo
     with pytest.raises(httpx.ConnectError):
         httpx.post(f"{service.url}/models/digits/predict", files={"file": ("d.png", mnist_pngs[0], "image/png")},
                    timeout=2)
-    assert any(thread.is_alive() for thread in threads), "the uploads should still be running during the drain"
+    running = {pid for (pid, _, _), thread in zip(uploads, threads) if thread.is_alive()}
+    assert running == set(clients), f"every worker should still be receiving uploads during the drain: {running}"
 
     for thread in threads:
         thread.join(timeout=30)
+    close_all(clients)
     assert len(results) == len(threads)
     for result in results:
         assert not isinstance(result, Exception), result
@@ -90,6 +99,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(start_service, tiny_repo
     assert service.process.wait(timeout=drain + 5) == 0, service.output()
     assert time.monotonic() - terminated < drain
     assert "Application shutdown complete" in service.output()
+    # Each upload was answered by the worker its connection was on, the one that was told to stop.
+    assert answered_by(service, "upload-") == {request_id: pid for pid, _, request_id in uploads}
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -114,17 +114,20 @@ def test_real_prometheus_scrapes_the_service_and_evaluates_rules_and_dashboard_q
     served = [0]
 
     def traffic() -> None:
-        with httpx.Client(base_url=service.url, timeout=10) as client:
-            i = 0
-            while not stop.is_set():
-                files = [("files", (f"{n}.png", mnist_pngs[(i + n) % len(mnist_pngs)], "image/png"))
-                         for n in range(3)]
-                response = client.post("/models/mnist/predict", files=files)
-                if response.status_code != 200:
-                    failures.append((response.status_code, response.text))
-                served[0] += 1
-                i += 3
-                time.sleep(0.05)
+        try:
+            with httpx.Client(base_url=service.url, timeout=10) as client:
+                i = 0
+                while not stop.is_set():
+                    files = [("files", (f"{n}.png", mnist_pngs[(i + n) % len(mnist_pngs)], "image/png"))
+                             for n in range(3)]
+                    response = client.post("/models/mnist/predict", files=files)
+                    if response.status_code != 200:
+                        failures.append((response.status_code, response.text))
+                    served[0] += 1
+                    i += 3
+                    time.sleep(0.05)
+        except Exception as exc:  # noqa: BLE001 - a lost connection ends the traffic, and fails the test below
+            failures.append(repr(exc))
 
     driver = threading.Thread(target=traffic, daemon=True)
     driver.start()
@@ -146,7 +149,8 @@ def test_real_prometheus_scrapes_the_service_and_evaluates_rules_and_dashboard_q
                 break
             time.sleep(0.5)
         missing = [name for name, result in results.items() if not result]
-        assert not missing, f"no data for {missing}; prometheus log: {prometheus.log_path.read_text()[-2000:]}"
+        assert not missing, (f"no data for {missing}; traffic failures: {failures[:3]}; "
+                             f"prometheus log: {prometheus.log_path.read_text()[-2000:]}")
         assert float(results["requests"][0]["value"][1]) > 0
         p99 = float(results["p99"][0]["value"][1])
         assert math.isfinite(p99) and p99 > 0  # a quantile of real latencies; how fast is bench/'s business
@@ -173,5 +177,6 @@ def test_real_prometheus_scrapes_the_service_and_evaluates_rules_and_dashboard_q
     finally:
         stop.set()
         driver.join(timeout=15)
+    assert not driver.is_alive()
     assert not failures, failures[:3]
     assert served[0] > 0

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import tritonclient.grpc as tg
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from service.cluster import TICK_SECONDS
 from tests.deploy.test_graceful_shutdown import probe
 from tests.support.models import write_digit_version
 from tests.support.server import ServiceProcess
 from tests.support.waiting import wait_for
+from tests.support.workers import answered_by, clients_on_each_worker, close_all, wait_for_log
 
 TOKEN = "workers-test-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -54,52 +60,52 @@ def ready_workers(service: ServiceProcess) -> set[int]:
             if line.startswith("{") and '"msg":"models loaded"' in line}
 
 
-def answered_by(service: ServiceProcess, prefix: str) -> dict[str, int]:
-    """request id -> the pid of the worker that answered it, for the request ids starting with ``prefix``."""
-    out = {}
-    for line in service.output().splitlines():
-        if line.startswith("{") and f'"request_id":"{prefix}' in line:
-            entry = json.loads(line)
-            if entry.get("logger") == "service.access":
-                out[entry["request_id"]] = entry["pid"]
-    return out
-
-
 def predict_until_both_workers_answered(service: ServiceProcess, png: bytes, prefix: str,
                                         minimum: int = 40, limit: int = 2000) -> list[httpx.Response]:
     """Concurrent single-image predictions, each on a new connection, until both workers have answered
-    at least one and ``minimum`` were sent; every response is returned."""
+    at least one and ``minimum`` were sent; every response is returned (an exception fails the call)."""
     responses: list[httpx.Response] = []
-    lock = threading.Lock()
 
-    def one(i: int) -> None:
-        response = httpx.post(f"{service.url}/models/digits/predict", timeout=30,
-                              files={"file": ("d.png", png, "image/png")}, headers={"x-request-id": f"{prefix}{i}"})
-        with lock:
-            responses.append(response)
+    def one(i: int) -> httpx.Response:
+        return httpx.post(f"{service.url}/models/digits/predict", timeout=30,
+                          files={"file": ("d.png", png, "image/png")}, headers={"x-request-id": f"{prefix}{i}"})
 
     sent = 0
-    while sent < limit:
-        threads = [threading.Thread(target=one, args=(sent + i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        sent += len(threads)
-        if sent >= minimum and _wait_for_log(service, prefix, sent):
-            if len(set(answered_by(service, prefix).values())) == 2:
-                return responses
+    with ThreadPoolExecutor(8) as pool:
+        while sent < limit:
+            responses += pool.map(one, range(sent, sent + 8))
+            sent += 8
+            if sent >= minimum and wait_for_log(service, prefix, sent):
+                if len(set(answered_by(service, prefix).values())) == 2:
+                    return responses
     raise AssertionError(f"{limit} requests did not reach both workers: {answered_by(service, prefix)}")
 
 
-def _wait_for_log(service: ServiceProcess, prefix: str, count: int, timeout: float = 10) -> bool:
-    """Until the access log has a line for each of ``count`` requests (workers write their logs themselves)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(answered_by(service, prefix)) >= count:
-            return True
-        time.sleep(0.05)
-    return False
+def grpc_until_both_workers_answered(service: ServiceProcess, port: int, png: bytes, prefix: str,
+                                     limit: int = 200) -> dict[int, set[grpc.StatusCode]]:
+    """A one-digit ModelInfer of ``digits`` on a new channel each time (a channel is one connection, so one
+    worker), until both workers have answered one; the status codes each worker's answers had, by pid."""
+    message = pb.ModelInferRequest(model_name="digits")
+    message.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(png)
+    codes: dict[str, grpc.StatusCode] = {}
+    for i in range(limit):
+        request_id = f"{prefix}{i}"
+        # A channel of its own, not one sharing a connection that grpcio keeps for the same address.
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            try:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                    message, timeout=30, metadata=(("x-request-id", request_id),))
+                codes[request_id] = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                codes[request_id] = exc.code()
+        assert wait_for_log(service, prefix, i + 1), f"no access-log line for {request_id}"
+        pids = answered_by(service, prefix)
+        if len(set(pids.values())) == 2:
+            by_worker: dict[int, set[grpc.StatusCode]] = {}
+            for answered, pid in pids.items():
+                by_worker.setdefault(pid, set()).add(codes[answered])
+            return by_worker
+    raise AssertionError(f"{limit} gRPC channels did not reach both workers: {answered_by(service, prefix)}")
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -194,6 +200,8 @@ def test_killed_worker_is_replaced_and_only_its_requests_fail(start_service, tin
     statuses: list[int] = []
     failures: list[Exception] = []
 
+    errors: list[BaseException] = []  # anything else a client met
+
     def load() -> None:
         while not stop.is_set():
             try:
@@ -202,6 +210,9 @@ def test_killed_worker_is_replaced_and_only_its_requests_fail(start_service, tin
                 statuses.append(response.status_code)
             except httpx.TransportError as exc:  # a connection to the killed worker
                 failures.append(exc)
+            except BaseException as exc:  # noqa: BLE001 - recorded and asserted below
+                errors.append(exc)
+                return
 
     threads = [threading.Thread(target=load) for _ in range(clients)]
     for thread in threads:
@@ -235,6 +246,8 @@ def test_killed_worker_is_replaced_and_only_its_requests_fail(start_service, tin
     # tick, not after its 30 s ping timeout.
     assert set(probes) == {200}, probes
     assert replaced_after is not None and replaced_after < 5, replaced_after
+    assert errors == []
+    assert not any(thread.is_alive() for thread in threads)
     assert set(statuses) == {200}
     assert len(failures) <= clients, failures  # at most one in flight per client when the worker died
     # The dead worker's in-flight gauge is gone with it, not stuck in the sum.
@@ -276,19 +289,57 @@ def test_shutdown_delay_ends_by_itself(start_service, tiny_repo, workers):
 
 
 def test_grpc_repository_calls_apply_in_every_worker(start_service, tiny_repo, mnist_pngs, get_free_port):
-    """Every worker serves gRPC on the one gRPC port too; its repository API goes through the same commands."""
+    """Every worker serves gRPC on the one gRPC port too; its repository API goes through the same commands:
+    after an unload over gRPC both workers refuse the model over gRPC and HTTP, after a load both serve it."""
     port = get_free_port()
     service = start_two_workers(start_service, tiny_repo, CONVSERVE_GRPC_PORT=str(port))
+    png = mnist_pngs[0]
     client = tg.InferenceServerClient(f"127.0.0.1:{port}")
     try:
         assert client.is_server_ready() and client.is_model_ready("digits")
+        assert list(grpc_until_both_workers_answered(service, port, png, "grpc-before-").values()) == [
+            {grpc.StatusCode.OK}] * 2
         client.unload_model("digits", headers=ADMIN)
-        responses = predict_until_both_workers_answered(service, mnist_pngs[0], "grpc-unloaded-")
+        assert list(grpc_until_both_workers_answered(service, port, png, "grpc-unloaded-").values()) == [
+            {grpc.StatusCode.NOT_FOUND}] * 2
+        responses = predict_until_both_workers_answered(service, png, "http-after-grpc-unload-")
         assert {r.status_code for r in responses} == {404}
         assert not client.is_model_ready("digits")
         client.load_model("digits", headers=ADMIN)
-        responses = predict_until_both_workers_answered(service, mnist_pngs[0], "grpc-loaded-")
+        assert list(grpc_until_both_workers_answered(service, port, png, "grpc-loaded-").values()) == [
+            {grpc.StatusCode.OK}] * 2
+        responses = predict_until_both_workers_answered(service, png, "http-after-grpc-load-")
         assert {r.status_code for r in responses} == {200}
         assert client.is_model_ready("digits")
     finally:
         client.close()
+
+
+def test_a_repository_call_a_worker_does_not_follow_in_time_is_503_naming_it(start_service, tiny_repo, mnist_pngs):
+    """CONVSERVE_WORKER_SYNC_SECONDS: the answering worker waits that long for the others to apply a call, then
+    answers 503 naming the ones that did not. A stopped worker applies it once it runs again."""
+    service = start_two_workers(start_service, tiny_repo, CONVSERVE_WORKER_SYNC_SECONDS="1")
+    clients = clients_on_each_worker(service, 2, 1, "sync-")
+    try:
+        (answering, [client]), (stopped, _) = clients.items()
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            response = client.post("/v2/repository/models/digits/unload", headers=ADMIN)
+            took = time.monotonic() - started
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+    finally:
+        close_all(clients)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == (
+        f"repository unload of model 'digits' was applied in worker {answering} but workers {stopped} did not "
+        "apply it within 1 s; until they do, answers may differ between workers")
+    assert 1 <= took < 10, took
+    # Running again, the stopped worker catches up: both refuse the model, and the next call is followed at once.
+    assert wait_for(lambda: all(r.status_code == 404 for r in predict_until_both_workers_answered(
+        service, mnist_pngs[0], f"caught-up-{time.monotonic_ns()}-", minimum=8)), timeout=30)
+    loaded = httpx.post(f"{service.url}/v2/repository/models/digits/load", headers=ADMIN, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    responses = predict_until_both_workers_answered(service, mnist_pngs[0], "reloaded-")
+    assert {r.status_code for r in responses} == {200}

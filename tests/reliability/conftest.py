@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.missing import missing
 from tests.support.models import tiny_classifier, write_digit_version
-from tests.support.server import ServiceProcess
+from tests.support.server import ServiceProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_DATA = REPO_ROOT / "tests" / "data"
@@ -97,18 +97,22 @@ def cifar_jpegs() -> list[bytes]:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServiceProcess]]:
-    """``start_server(models_dir, **env)``: a real server process, once ready; all stopped at the session's end
-    (stop one earlier with ``.stop()``)."""
-    started: list[ServiceProcess] = []
+    """``start_server(models_dir, stop_with=request, **env)``: a real server process, once ready, stopped when the
+    scope of ``request`` ends (the requesting fixture's or test's ``request``: a class fixture's server stops after
+    its class). Without ``stop_with`` it runs to the session's end: for the servers the whole suite shares."""
+    shared: list[ServiceProcess] = []
     log_dir = tmp_path_factory.mktemp("server-logs")
 
-    def start(models_dir: Path, **env: str) -> ServiceProcess:
+    def start(models_dir: Path, stop_with: pytest.FixtureRequest | None = None, **env: str) -> ServiceProcess:
         running = ServiceProcess(models_dir, log_dir, {**SERVER_ENV, **env}, timeout=90)
-        started.append(running)
+        if stop_with is None:
+            shared.append(running)
+        else:
+            stop_with.addfinalizer(running.stop)
         return running
 
     yield start
-    for running in started:
+    for running in shared:
         running.stop()
 
 
@@ -132,6 +136,28 @@ def server(start_server, models_root: Path) -> ServiceProcess:
 @pytest.fixture()
 def http(server: ServiceProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+BATCHING_MODES = {"batches-on-loop": "true", "batches-on-thread": "false"}
+
+
+@pytest.fixture(scope="session", params=list(BATCHING_MODES.values()), ids=list(BATCHING_MODES))
+def server_in_each_mode(request: pytest.FixtureRequest, start_server, models_root: Path) -> ServiceProcess:
+    """A server like the main one, once with each model's batches on the worker's event loop and once on a thread
+    of their own (CONVSERVE_INFERENCE_ON_LOOP, which ``auto`` sets by the CPU count), gRPC on ``grpc_url``: a test
+    that takes it runs in both modes, whatever the runner's CPUs. One at a time, stopped when the mode changes."""
+    grpc_port = free_port()
+    running = start_server(models_root, stop_with=request, CONVSERVE_INFERENCE_ON_LOOP=request.param,
+                           CONVSERVE_GRPC_PORT=str(grpc_port), CONVSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+                           CONVSERVE_MAX_REQUEST_ROWS=str(MAX_REQUEST_ROWS))
+    running.grpc_url = f"127.0.0.1:{grpc_port}"
+    return running
+
+
+@pytest.fixture()
+def http_in_each_mode(server_in_each_mode: ServiceProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server_in_each_mode.url, timeout=30) as client:
         yield client
 
 

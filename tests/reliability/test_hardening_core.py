@@ -8,12 +8,13 @@ import concurrent.futures
 import io
 import json
 import socket
-import time
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.support.waiting import wait_for
 
 TOKEN = "core-hardening-token"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -90,8 +91,8 @@ class TestNamesMatchInFull:
 
 
 @pytest.fixture()
-def admin(start_server, mnist_repo):
-    return start_server(mnist_repo, CONVSERVE_ADMIN_TOKEN=TOKEN)
+def admin(request, start_server, mnist_repo):
+    return start_server(mnist_repo, stop_with=request, CONVSERVE_ADMIN_TOKEN=TOKEN)
 
 
 # --- 4. A version is not torn down under an admitted request --------------------------------------------------
@@ -117,6 +118,26 @@ def request_bytes(protocol: str, png: bytes, port: int) -> bytes:
     return head.encode() + body
 
 
+def tcp_queues(local_port: int, remote_port: int) -> tuple[int, int] | None:
+    """The send and receive queues (bytes) of this machine's TCP socket from ``local_port`` to ``remote_port``,
+    from /proc/net/tcp: unacknowledged bytes sent, and bytes received that its process has not read."""
+    wanted = (f"{local_port:04X}", f"{remote_port:04X}")
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if (fields[1].rsplit(":", 1)[1], fields[2].rsplit(":", 1)[1]) == wanted:
+                    tx, rx = fields[4].split(":")
+                    return int(tx, 16), int(rx, 16)
+    return None
+
+
+def server_has_read(sock: socket.socket, server_port: int) -> bool:
+    """Every byte sent on ``sock`` has reached the server's end of the connection and the server has read it."""
+    client_port = sock.getsockname()[1]
+    return tcp_queues(client_port, server_port) == (0, 0) and tcp_queues(server_port, client_port) == (0, 0)
+
+
 def read_all(sock: socket.socket) -> tuple[int, bytes]:
     data = b""
     while chunk := sock.recv(65536):
@@ -138,35 +159,53 @@ def predicted_class(protocol: str, body: bytes) -> tuple[int, str | None]:
 class TestNoTeardownUnderAdmittedRequests:
     """A request admitted to a version while its body is still arriving is answered by that version (200), even
     when the version is unloaded through the repository API, or replaced by a newer version on disk, before
-    the body is complete (was: 500 with an AssertionError on v2 and TF Serving, 503 on the image route)."""
+    the body is complete (was: 500 with an AssertionError on v2 and TF Serving, 503 on the image route).
+
+    One worker, so that the half-sent requests and the repository call meet the same process. A request is
+    admitted as soon as its headers are read (before its body), and the in-flight gauge counts it only once its
+    body is in: the tests wait until the server has read every byte sent (the kernel's queues of the connection,
+    both ends empty), which on the worker's one event loop puts the request's admission before any later call."""
+
+    WAITED = 0.3
+    """How long the repository call must still be waiting once version 1 is no longer ready: without the wait
+    for admitted requests, tearing the version down takes a few milliseconds."""
 
     @pytest.fixture()
-    def running(self, start_server, mnist_repo):
-        return start_server(mnist_repo, CONVSERVE_ADMIN_TOKEN=TOKEN)
+    def running(self, request, start_server, mnist_repo):
+        return start_server(mnist_repo, stop_with=request, CONVSERVE_ADMIN_TOKEN=TOKEN, CONVSERVE_WORKERS="1")
 
     def half_sent(self, running, protocol: str, png: bytes) -> tuple[socket.socket, bytes]:
-        """Headers and half the body sent; returns the socket and the rest of the body."""
+        """Headers and half the body sent and read by the server (the request is admitted to the newest
+        version); returns the socket and the rest of the body."""
         request = request_bytes(protocol, png, running.port)
         split = request.index(b"\r\n\r\n") + 4 + (len(request) - request.index(b"\r\n\r\n") - 4) // 2
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=60)
         sock.sendall(request[:split])
-        time.sleep(0.5)  # the server has read the headers and admitted the request to the newest version
+        assert wait_for(lambda: server_has_read(sock, running.port), timeout=10), "the server never read the headers"
         return sock, request[split:]
 
+    def still_waiting(self, running, admin: concurrent.futures.Future) -> None:
+        """The repository call has begun taking version 1 down (it is no longer ready) and is still waiting."""
+        assert wait_for(lambda: admin.done() or httpx.get(f"{running.url}/v2/models/mnist/versions/1/ready",
+                                                          timeout=10).status_code != 200, timeout=30)
+        with pytest.raises(TimeoutError):
+            admin.result(timeout=self.WAITED)  # it waits for the admitted request, whose body is not all in
+
     def finish(self, sock: socket.socket, rest: bytes) -> tuple[int, bytes]:
-        time.sleep(0.5)  # the unload or reload has begun
         sock.sendall(rest)
         with sock:
             return read_all(sock)
 
     def answered_across(self, running, protocol: str, digit: tuple[bytes, int], action: str) -> None:
         """Half-send a request for ``digit``, call the repository API's ``action`` on mnist meanwhile, finish the
-        body: the request is answered with the digit's label (by version 1), and the action succeeds."""
+        body once the call is seen waiting: the request is answered with the digit's label (by version 1), and
+        the action succeeds."""
         png, label = digit
         sock, rest = self.half_sent(running, protocol, png)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             admin = pool.submit(httpx.post, f"{running.url}/v2/repository/models/mnist/{action}", headers=bearer(),
                                 timeout=60)
+            self.still_waiting(running, admin)
             status, body = self.finish(sock, rest)
             assert status == 200, body
             assert predicted_class(protocol, body) in ((label, None), (label, "1"))
@@ -202,6 +241,7 @@ class TestNoTeardownUnderAdmittedRequests:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             unload = pool.submit(httpx.post, f"{running.url}/v2/repository/models/mnist/unload", headers=bearer(),
                                  timeout=60)
+            self.still_waiting(running, unload)
             results = [self.finish(sock, rest) for sock, rest in started]
             assert [status for status, _ in results] == [200] * 6, [body[:200] for _, body in results]
             assert unload.result().status_code == 200

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -19,10 +20,10 @@ INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
 
 @pytest.fixture(scope="module")
-def grpc_server(start_server, models_root):
+def grpc_server(request, start_server, models_root):
     port = free_port()
-    running = start_server(models_root, CONVSERVE_GRPC_PORT=str(port), CONVSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
-                           CONVSERVE_MAX_REQUEST_ROWS="64")
+    running = start_server(models_root, stop_with=request, CONVSERVE_GRPC_PORT=str(port),
+                           CONVSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES), CONVSERVE_MAX_REQUEST_ROWS="64")
     running.grpc_url = f"127.0.0.1:{port}"
     return running
 
@@ -51,31 +52,47 @@ def bytes_tensor(*elements: bytes) -> bytes:
 
 
 @pytest.fixture()
-def assert_refused(stub, grpc_server, no_internals, assert_still_serving, digits):
+def refusal_check(no_internals, assert_still_serving, digits):
+    """``refusal_check(stub, server)``: the :func:`assert_refused` check against that stub and server."""
+
+    def bind(stub, running) -> Callable[..., None]:
+        def check(message: pb.ModelInferRequest, code: grpc.StatusCode, *fragments: str) -> None:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(message, timeout=60)
+            assert info.value.code() == code, (info.value.code(), info.value.details())
+            for fragment in fragments:
+                assert fragment in info.value.details(), info.value.details()
+            no_internals(info.value.details())
+            png, label = digits[0]
+            good = pb.ModelInferRequest(model_name="mnist")
+            good.inputs.add(name="image", datatype="BYTES", shape=[1])
+            good.raw_input_contents.append(bytes_tensor(png))
+            scores = np.frombuffer(stub.ModelInfer(good, timeout=60).raw_output_contents[0], np.float32)
+            assert scores.argmax() == label
+            assert_still_serving(running)
+
+        return check
+
+    return bind
+
+
+@pytest.fixture()
+def assert_refused(refusal_check, stub, grpc_server):
     """``assert_refused(message, code, *fragments)``: ModelInfer answers that code with a message holding every
     fragment and nothing internal; then the server still classifies a real digit, over gRPC and HTTP."""
-
-    def check(message: pb.ModelInferRequest, code: grpc.StatusCode, *fragments: str) -> None:
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(message, timeout=60)
-        assert info.value.code() == code, (info.value.code(), info.value.details())
-        for fragment in fragments:
-            assert fragment in info.value.details(), info.value.details()
-        no_internals(info.value.details())
-        png, label = digits[0]
-        good = pb.ModelInferRequest(model_name="mnist")
-        good.inputs.add(name="image", datatype="BYTES", shape=[1])
-        good.raw_input_contents.append(bytes_tensor(png))
-        scores = np.frombuffer(stub.ModelInfer(good, timeout=60).raw_output_contents[0], np.float32)
-        assert scores.argmax() == label
-        assert_still_serving(grpc_server)
-
-    return check
+    return refusal_check(stub, grpc_server)
 
 
 @pytest.mark.parametrize("size", [0, ROW - 4, ROW + 4, 3 * ROW])
 def test_raw_contents_of_the_wrong_size(assert_refused, size):
     assert_refused(request(raw=b"\0" * size), INVALID, f"{size} bytes of raw_input_contents", "expected 3136")
+
+
+def test_raw_contents_of_the_wrong_size_in_each_batching_mode(refusal_check, server_in_each_mode):
+    with grpc.insecure_channel(server_in_each_mode.grpc_url) as channel:
+        assert_refused = refusal_check(service_pb2_grpc.GRPCInferenceServiceStub(channel), server_in_each_mode)
+        assert_refused(request(raw=b"\0" * (ROW + 4)), INVALID, f"{ROW + 4} bytes of raw_input_contents",
+                       "expected 3136")
 
 
 @pytest.mark.parametrize("shape", [(-1, 28, 28, 1), (1, -28, 28, 1), (-(2**63), 1)])
@@ -177,9 +194,10 @@ class TestBytesCountedBeforeSplit:
     ELEMENTS = 4_900_000
 
     @pytest.fixture(scope="class")
-    def big_stub(self, start_server, models_root):
+    def big_stub(self, request, start_server, models_root):
         port = free_port()
-        start_server(models_root, CONVSERVE_GRPC_PORT=str(port), CONVSERVE_MAX_BODY_BYTES=str(24 * 1024 * 1024))
+        start_server(models_root, stop_with=request, CONVSERVE_GRPC_PORT=str(port),
+                     CONVSERVE_MAX_BODY_BYTES=str(24 * 1024 * 1024))
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)]) as channel:
             yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 

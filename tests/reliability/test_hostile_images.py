@@ -53,10 +53,11 @@ def gray_digits(digits) -> list[tuple[Image.Image, int]]:
 
 # --- Refused -----------------------------------------------------------------------------------
 
-def test_invalid_base64_in_a_json_upload_is_400(http, server, assert_error, assert_still_serving):
-    response = http.post("/models/mnist/predict", json={"images": ["not base64 at all!"]})
+def test_invalid_base64_in_a_json_upload_is_400(http_in_each_mode, server_in_each_mode, assert_error,
+                                                assert_still_serving):
+    response = http_in_each_mode.post("/models/mnist/predict", json={"images": ["not base64 at all!"]})
     assert_error(response, 400, "images[0] is not valid base64")
-    assert_still_serving(server)
+    assert_still_serving(server_in_each_mode)
 
 
 def test_invalid_base64_in_a_tf_serving_b64_instance_is_400(http, server, assert_error, assert_still_serving):
@@ -67,9 +68,11 @@ def test_invalid_base64_in_a_tf_serving_b64_instance_is_400(http, server, assert
 
 @pytest.mark.parametrize("data", [b"hello, this is text and not an image", b"\x00" * 64, b"GIF89a", b"\x89PNG"],
                          ids=["text", "zeros", "gif magic only", "png magic only"])
-def test_bytes_that_are_not_an_image_are_400(data, http, server, assert_error, assert_still_serving):
-    assert_error(upload(http, data), 400, "not a decodable image (supported: PNG, JPEG, GIF, BMP, WebP, TIFF)")
-    assert_still_serving(server)
+def test_bytes_that_are_not_an_image_are_400(data, http_in_each_mode, server_in_each_mode, assert_error,
+                                             assert_still_serving):
+    assert_error(upload(http_in_each_mode, data), 400,
+                 "not a decodable image (supported: PNG, JPEG, GIF, BMP, WebP, TIFF)")
+    assert_still_serving(server_in_each_mode)
 
 
 def test_empty_image_is_400(http, server, assert_error, assert_still_serving):

@@ -225,8 +225,18 @@ def test_malformed_json_is_400(route, http, server, assert_error, assert_still_s
 @pytest.mark.parametrize("route", ROUTES)
 def test_json_nested_a_hundred_thousand_levels_deep_is_400(route, http, server, assert_error,
                                                            assert_still_serving):
+    """Refused from a count of its brackets before any parse: more lists than a request to the model can hold."""
     path, _ = ROUTES[route]
     response = http.post(path, content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"})
+    assert_error(response, 400, "the JSON body holds more lists and objects than a request to this model can")
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("route", ["v2 infer", "tf serving predict"])
+def test_json_nested_past_the_parsers_depth_limit_is_400(route, http, server, assert_error, assert_still_serving):
+    """Few enough lists for a tensor request (a thousand), nested deeper than the parser goes (1024 levels)."""
+    path, _ = ROUTES[route]
+    response = http.post(path, content=b"[" * 1100 + b"]" * 1100, headers={"content-type": "application/json"})
     assert_error(response, 400, "request body is not valid JSON", "depth limit exceeded")
     assert_still_serving(server)
 
@@ -428,15 +438,27 @@ def outside_model(models_root, write_tiny):
     return models_root.parent / "outside"
 
 
-@pytest.mark.parametrize(("method", "path"), TRAVERSALS, ids=[p for _, p in TRAVERSALS])
-def test_names_that_are_paths_are_404_and_reach_nothing_outside_the_models_directory(
-        method, path, outside_model, http, server, digits, assert_error, assert_still_serving):
-    kwargs = {"content": digits[0][0], "headers": {"content-type": "image/png"}} if method == "POST" else {}
+def traversal(http, method: str, path: str, png: bytes, assert_error) -> None:
+    """``method path`` is answered 404, with nothing of what it names on the filesystem."""
+    kwargs = {"content": png, "headers": {"content-type": "image/png"}} if method == "POST" else {}
     response = http.request(method, path, **kwargs)
     message = assert_error(response, 404)
     assert message == "Not Found" or "not found" in message or "no static file" in message, message
     assert "root:" not in response.text and "[build-system]" not in response.text
+
+
+@pytest.mark.parametrize(("method", "path"), TRAVERSALS, ids=[p for _, p in TRAVERSALS])
+def test_names_that_are_paths_are_404_and_reach_nothing_outside_the_models_directory(
+        method, path, outside_model, http, server, digits, assert_error, assert_still_serving):
+    traversal(http, method, path, digits[0][0], assert_error)
     assert_still_serving(server)
+
+
+def test_a_name_that_is_a_path_is_404_in_each_batching_mode(outside_model, http_in_each_mode, server_in_each_mode,
+                                                            digits, assert_error, assert_still_serving):
+    method, path = TRAVERSALS[0]
+    traversal(http_in_each_mode, method, path, digits[0][0], assert_error)
+    assert_still_serving(server_in_each_mode)
 
 
 def test_the_model_beside_the_models_directory_is_never_listed(outside_model, http, server, assert_still_serving):

@@ -64,18 +64,30 @@ def burst(url: str, content: bytes, headers: dict[str, str], clients: int) -> li
 
 
 @pytest.fixture(scope="module")
-def small_queue_server(start_server, models_root):
+def small_queue_server(request, start_server, models_root):
     """At most one full batch may wait: CONVSERVE_MAX_QUEUE_SIZE=64 rows."""
-    return start_server(models_root, CONVSERVE_MAX_QUEUE_SIZE=str(ROWS))
+    return start_server(models_root, stop_with=request, CONVSERVE_MAX_QUEUE_SIZE=str(ROWS))
 
 
 @pytest.fixture(scope="module")
-def short_deadline_server(start_server, models_root):
+def short_deadline_server(request, start_server, models_root):
     """Requests may wait 20 ms in the queue (a few 64-row batches); the queue itself is practically unbounded."""
-    return start_server(models_root, CONVSERVE_REQUEST_TIMEOUT_SECONDS="0.02", CONVSERVE_MAX_QUEUE_SIZE="1000000")
+    return start_server(models_root, stop_with=request, CONVSERVE_REQUEST_TIMEOUT_SECONDS="0.02",
+                        CONVSERVE_MAX_QUEUE_SIZE="1000000")
 
 
 # --- Overload ----------------------------------------------------------------------------------
+
+def bursts_until_refused(server, content: bytes, headers: dict[str, str], bursts: int = 5) -> list[httpx.Response]:
+    """Bursts of 32 concurrent requests, up to ``bursts`` of them, until some were answered and some refused."""
+    responses: list[httpx.Response] = []
+    for _ in range(bursts):
+        responses += burst(server.url, content, headers, clients=32)
+        statuses = {r.status_code for r in responses}
+        if 503 in statuses and 200 in statuses:
+            break
+    return responses
+
 
 def test_overload_beyond_the_queue_is_answered_503_with_retry_after_exactly_for_the_rejected(
         small_queue_server, batch, assert_error, assert_still_serving):
@@ -84,12 +96,7 @@ def test_overload_beyond_the_queue_is_answered_503_with_retry_after_exactly_for_
     content, headers = binary_request(rows)
     rejected = 'convserve_rejected_requests_total{model="mnist",reason="queue_full",version="1"}'
     before = server.metric(rejected)
-    responses: list[httpx.Response] = []
-    for _ in range(5):  # a busy machine may serialise one burst; more bursts until the queue has overflowed
-        responses += burst(server.url, content, headers, clients=32)
-        statuses = [r.status_code for r in responses]
-        if 503 in statuses and 200 in statuses:
-            break
+    responses = bursts_until_refused(server, content, headers)  # a busy machine may serialise one burst
     statuses = [r.status_code for r in responses]
     print(f"{len(responses)} requests of {ROWS} rows: {statuses.count(200)} x 200, {statuses.count(503)} x 503")
     assert set(statuses) <= {200, 503}, statuses
@@ -102,6 +109,41 @@ def test_overload_beyond_the_queue_is_answered_503_with_retry_after_exactly_for_
         else:
             assert predicted(response) == labels
     assert server.metric(rejected) - before == statuses.count(503)
+    assert_still_serving(server)
+
+
+@pytest.fixture(scope="module")
+def short_target_server(request, start_server, models_root):
+    """Admission refuses a request expected to wait more than 1 ms before its batch starts
+    (CONVSERVE_QUEUE_TARGET_MS=1): a 64-row batch of the bundled mnist takes longer than that, so a request that
+    arrives behind one is refused; the queue itself (1024 rows) is never full."""
+    return start_server(models_root, stop_with=request, CONVSERVE_QUEUE_TARGET_MS="1")
+
+
+def test_a_request_expected_to_wait_past_the_queue_target_is_refused_at_once_with_retry_after(
+        short_target_server, batch, assert_error, assert_still_serving):
+    server = short_target_server
+    rows, labels = batch
+    content, headers = binary_request(rows)
+    refused = 'convserve_rejected_requests_total{model="mnist",reason="queue_delay",version="1"}'
+    full = 'convserve_rejected_requests_total{model="mnist",reason="queue_full",version="1"}'
+    before, full_before = server.metric(refused), server.metric(full)
+    # until each worker has timed a batch (it admits everything before) and refused behind one
+    responses = bursts_until_refused(server, content, headers)
+    statuses = [r.status_code for r in responses]
+    print(f"{len(responses)} requests of {ROWS} rows: {statuses.count(200)} x 200, {statuses.count(503)} x 503")
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) > 0 and statuses.count(200) > 0
+    for response in responses:
+        if response.status_code == 503:
+            message = assert_error(response, 503)
+            assert re.fullmatch(r"model mnist:1 is overloaded \(expected wait \d+ ms, target 1 ms\); retry later",
+                                message), message
+            assert re.fullmatch(r"[1-9]\d*", response.headers["retry-after"]), response.headers
+        else:
+            assert predicted(response) == labels
+    assert server.metric(refused) - before == statuses.count(503)
+    assert server.metric(full) == full_before
     assert_still_serving(server)
 
 
@@ -173,10 +215,11 @@ def test_clients_gone_mid_upload_leave_nothing_blocked(short_deadline_server, di
 
 
 @pytest.fixture(scope="module")
-def waiting_server(start_server, models_root):
+def waiting_server(request, start_server, models_root):
     """The tiny model (no config.pbtxt) holds a request 3 s in its queue, waiting for company to batch with:
     a client can hang up while its request is known to be queued."""
-    return start_server(models_root, CONVSERVE_MAX_BATCH_SIZE="1024", CONVSERVE_MAX_QUEUE_DELAY_US="3000000")
+    return start_server(models_root, stop_with=request, CONVSERVE_MAX_BATCH_SIZE="1024",
+                        CONVSERVE_MAX_QUEUE_DELAY_US="3000000")
 
 
 def test_clients_gone_mid_inference_leave_nothing_blocked(waiting_server, digits, assert_still_serving):
@@ -208,8 +251,8 @@ def test_clients_gone_mid_inference_leave_nothing_blocked(waiting_server, digits
 # --- Broken model versions under load ----------------------------------------------------------
 
 def test_corrupt_and_half_written_versions_appearing_under_load_never_interrupt_serving(
-        start_server, mnist_repo, mnist_version_files, digits, assert_still_serving):
-    server = start_server(mnist_repo, CONVSERVE_REPOSITORY_POLL_SECONDS="0.1")
+        request, start_server, mnist_repo, mnist_version_files, digits, assert_still_serving):
+    server = start_server(mnist_repo, stop_with=request, CONVSERVE_REPOSITORY_POLL_SECONDS="0.1")
     model_dir = mnist_repo / "mnist"
     results: list[tuple[int, int | None, bool]] = []
     failures: list[str] = []  # every request that was not a correct 200, exceptions included
@@ -342,9 +385,7 @@ runpy.run_module("service", run_name="__main__", alter_sys=True)
 
 def test_a_request_whose_preprocessing_crashes_is_answered_500_and_its_batch_200_over_http(
         models_root, digits, tmp_path, assert_error, assert_still_serving):
-    import onnxruntime as ort
-
-    from service.preprocessing import ImageLimits, ImageSpec, preprocess
+    from tests.support.oracle import Oracle
     from tests.support.server import ServiceProcess, free_port
 
     port = free_port()
@@ -369,11 +410,10 @@ def test_a_request_whose_preprocessing_crashes_is_answered_500_and_its_batch_200
         with ThreadPoolExecutor(len(bodies)) as pool:
             crashed, *answered = pool.map(call, bodies)
         assert_error(crashed, 500, "preprocessing failed: RuntimeError")
-        session = ort.InferenceSession(str(models_root / "tiny" / "1" / "model.onnx"))
-        spec, limits = ImageSpec(28, 28, 1, digit=True), ImageLimits(max_bytes=10 << 20, max_pixels=25_000_000)
+        oracle = Oracle(models_root / "tiny" / "1")  # the model's documented input, not the service's code
         for response, png in zip(answered, bodies[1:]):
             assert response.status_code == 200, response.text
-            expected = session.run(None, {"image": preprocess(png, spec, limits)[None]})[0][0]
+            [expected] = oracle.probabilities([png])
             top = response.json()["predictions"][0]
             assert top["class_id"] == int(expected.argmax())
             assert top["score"] == pytest.approx(float(expected.max()), abs=1e-5)

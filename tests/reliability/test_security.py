@@ -27,8 +27,8 @@ ADMIN_ROUTES = ["/v2/repository/index", "/v2/repository/models/mnist/load", "/v2
 
 
 @pytest.fixture(scope="module")
-def admin_server(start_server, models_root):
-    return start_server(models_root, CONVSERVE_ADMIN_TOKEN=TOKEN)
+def admin_server(request, start_server, models_root):
+    return start_server(models_root, stop_with=request, CONVSERVE_ADMIN_TOKEN=TOKEN)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -198,9 +198,9 @@ def fifo_has_a_reader(path: Path) -> bool:
 
 
 def test_onnx_external_data_outside_the_version_directory_is_refused_and_never_read(
-        escape_repo, start_server, no_internals, digits):
+        request, escape_repo, start_server, no_internals, digits):
     root, secret = escape_repo
-    server = start_server(root)
+    server = start_server(root, stop_with=request)
     versions = {v["version"]: v for v in httpx.get(f"{server.url}/models").json()["models"][0]["versions"]}
     assert versions[1]["state"] == versions[2]["state"] == "READY"
     for version in (3, 4, 5):

@@ -181,11 +181,19 @@ def test_mixed_load_soak_answers_everything_and_stays_flat(soak_server, digits, 
     answered = Counter()
     wrong: list[str] = []
     lost: list[str] = []
+    crashed: list[str] = []  # an exception outside a request (checking an answer, say) that ended a client
     lock = threading.Lock()
     stop = threading.Event()
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
+        try:
+            client(rng)
+        except BaseException as exc:  # recorded, and asserted on below
+            with lock:
+                crashed.append(f"client {seed}: {exc!r}")
+
+    def client(rng: random.Random) -> None:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             while not stop.is_set():
                 kind = rng.choice(weighted)
@@ -242,6 +250,7 @@ def test_mixed_load_soak_answers_everything_and_stays_flat(soak_server, digits, 
     (artifacts / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
 
     assert all(not thread.is_alive() for thread in threads)
+    assert crashed == [], crashed
     assert lost == [], lost[:5]
     assert sum(answered.values()) == total  # every request answered
     assert not [s for s in answered if s >= 500], answered

@@ -41,6 +41,15 @@ def make_settings(models_dir: Path, **overrides: object) -> Settings:
     return Settings(models_dir=models_dir, access_log=False, inference_threads=1, **overrides)
 
 
+@pytest.fixture(params=[False, True], ids=["on-thread", "on-loop"])
+def on_loop(request: pytest.FixtureRequest) -> bool:
+    """Each batching mode in turn: batches on the version's inference thread, then on the worker's event loop
+    (``inference_on_loop``, the shipped default where a worker has one CPU). While a batch runs on the loop nothing
+    else does, so a gate that the test would open later never opens: hold requests in the queue instead (behind a
+    batch of a fixed length, or while the first one waits for company)."""
+    return request.param
+
+
 @pytest.fixture()
 def client(model_repo: Path) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(model_repo)), raise_server_exceptions=False) as c:

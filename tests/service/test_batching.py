@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
 from service.batching import Batcher, BatchingConfig, client_deadline
 from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded, ServingError
+
+SLOW_BATCH_S = 0.2
+"""How long each batch of :func:`slow_batcher` takes."""
+ROW = np.ones((1, 2), dtype=np.float32)
 
 
 class RecordingModel:
@@ -33,15 +38,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def blocked_batcher(config: BatchingConfig) -> tuple[RecordingModel, Batcher, asyncio.Future]:
-    """A started batcher whose model blocks on a first request until ``model.gate.set()``."""
-    model = RecordingModel()
-    model.gate.clear()
-    batcher = Batcher(model, config, "m")
+def slow_batcher(on_loop: bool, **config: Any) -> tuple[RecordingModel, Batcher, asyncio.Future]:
+    """A started batcher of one row per batch, each batch taking ``SLOW_BATCH_S``, and its first request: the
+    requests a test submits before it first awaits are queued with that one, and wait behind its batch.
+
+    A fixed delay and not a gate the test opens: with batches on the loop, the test's coroutine could not run to
+    open it."""
+    model = RecordingModel(delay=SLOW_BATCH_S)
+    batcher = Batcher(model, BatchingConfig(max_batch_size=1, on_loop=on_loop, **config), "m")
     batcher.start()
-    first = asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
-    await asyncio.sleep(0.02)
-    return model, batcher, first
+    return model, batcher, asyncio.ensure_future(batcher.submit(np.zeros((1, 2), dtype=np.float32)))
 
 
 def test_concurrent_requests_are_batched_and_answered_in_order():
@@ -104,12 +110,10 @@ def test_full_queue_is_refused_with_overloaded_and_retry_after():
     assert len(done) == 3  # every accepted request got its answer
 
 
-def test_request_past_its_deadline_is_not_executed():
+def test_request_past_its_deadline_is_not_executed(on_loop):
     async def scenario():
-        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1, timeout_s=0.05))
-        late = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
-        await asyncio.sleep(0.1)  # the deadline passes while the first batch blocks
-        model.gate.set()
+        model, batcher, first = slow_batcher(on_loop, timeout_s=0.05)
+        late = asyncio.ensure_future(batcher.submit(ROW))  # its deadline passes while the first batch runs
         await first
         with pytest.raises(DeadlineExceeded):
             await late
@@ -120,14 +124,12 @@ def test_request_past_its_deadline_is_not_executed():
     assert model.batches == [1]  # only the first request ran
 
 
-def test_a_tighter_client_deadline_is_the_queue_deadline():
+def test_a_tighter_client_deadline_is_the_queue_deadline(on_loop):
     """A gRPC client's own deadline (shorter than timeout_s) expires the request in the queue, unrun."""
     async def scenario():
-        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1, timeout_s=30))
-        client_deadline.set(time.monotonic() + 0.05)
-        late = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
-        await asyncio.sleep(0.1)
-        model.gate.set()
+        model, batcher, first = slow_batcher(on_loop, timeout_s=30)
+        client_deadline.set(time.monotonic() + 0.05)  # for the tasks made from here on
+        late = asyncio.ensure_future(batcher.submit(ROW))
         await first
         with pytest.raises(DeadlineExceeded, match=r"waited longer than 0\.0\d*s"):
             await late
@@ -138,13 +140,13 @@ def test_a_tighter_client_deadline_is_the_queue_deadline():
     assert model.batches == [1]
 
 
-def test_abandoned_requests_are_skipped():
+def test_abandoned_requests_are_skipped(on_loop):
     async def scenario():
-        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
-        gone = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32)))
+        model, batcher, first = slow_batcher(on_loop)
+        gone = asyncio.ensure_future(batcher.submit(ROW))
         await asyncio.sleep(0)
+        assert batcher.queued_rows == 2  # both queued, neither taken yet
         gone.cancel()  # the client disconnected
-        model.gate.set()
         await first
         await batcher.close()
         return model
@@ -152,7 +154,6 @@ def test_abandoned_requests_are_skipped():
     assert run(scenario()).batches == [1]
 
 
-@pytest.mark.parametrize("on_loop", [False, True])
 def test_runtime_failure_fails_only_that_batch(on_loop):
     calls = []
 
@@ -185,14 +186,12 @@ def test_closed_batcher_refuses_new_work():
     run(scenario())
 
 
-def test_requests_of_disconnected_clients_are_dropped_not_run():
+def test_requests_of_disconnected_clients_are_dropped_not_run(on_loop):
     from service.errors import ClientDisconnected
 
     async def scenario():
-        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
-        gone = asyncio.ensure_future(batcher.submit(np.ones((1, 2), dtype=np.float32), gone=lambda: True))
-        await asyncio.sleep(0)
-        model.gate.set()
+        model, batcher, first = slow_batcher(on_loop)
+        gone = asyncio.ensure_future(batcher.submit(ROW, gone=lambda: True))
         await first
         with pytest.raises(ClientDisconnected):
             await gone
@@ -239,16 +238,13 @@ def test_a_failing_batch_hook_costs_no_client_its_answer():
     assert first["double"].tolist() == [[2.0, 2.0]] and second["double"].tolist() == [[6.0, 6.0]]
 
 
-def test_a_dead_worker_fails_every_waiting_request_instead_of_leaving_it_hanging():
+def test_a_dead_worker_fails_every_waiting_request_instead_of_leaving_it_hanging(on_loop):
     def broken_probe() -> bool:
         raise RuntimeError("probe bug")  # runs on the worker task itself, so it kills the worker
 
     async def scenario():
-        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
-        queued = [asyncio.ensure_future(batcher.submit(np.ones((1, 2), np.float32), gone))
-                  for gone in (broken_probe, None, None)]
-        await asyncio.sleep(0)
-        model.gate.set()
+        model, batcher, first = slow_batcher(on_loop)
+        queued = [asyncio.ensure_future(batcher.submit(ROW, gone)) for gone in (broken_probe, None, None)]
         results = await asyncio.wait_for(asyncio.gather(first, *queued, return_exceptions=True), 5)
         try:
             await batcher.submit(np.ones((1, 2), np.float32))
@@ -267,23 +263,27 @@ def test_a_dead_worker_fails_every_waiting_request_instead_of_leaving_it_hanging
     assert late is not None and late.status == 503  # closed for good: refused, not queued forever
 
 
-def test_close_waits_for_queued_work_without_polling():
-    async def scenario():
-        model, batcher, first = await blocked_batcher(BatchingConfig(max_batch_size=1))
-        queued = asyncio.ensure_future(batcher.submit(np.ones((1, 2), np.float32)))
-        closing = asyncio.ensure_future(batcher.close())
-        await asyncio.sleep(0.05)
-        still_waiting = not closing.done()
-        model.gate.set()
-        await asyncio.wait_for(closing, 5)
-        return still_waiting, await first, await queued
+def test_close_waits_for_queued_work_without_polling(on_loop):
+    closed_while_computing: list[bool] = []
 
-    still_waiting, first, queued = run(scenario())
-    assert still_waiting
+    async def scenario():
+        model, batcher, first = slow_batcher(on_loop)
+        queued = asyncio.ensure_future(batcher.submit(ROW))
+        closing = asyncio.ensure_future(batcher.close())
+
+        def observed(rows):  # asked where the batch runs, so on the loop too, where the test cannot look meanwhile
+            closed_while_computing.append(closing.done())
+            return model(rows)
+
+        batcher._predict = observed
+        await asyncio.wait_for(closing, 5)
+        return await first, await queued
+
+    first, queued = run(scenario())
+    assert closed_while_computing == [False, False]  # both batches ran, and close had returned during neither
     assert first["double"].shape == (1, 2) and queued["double"].tolist() == [[2.0, 2.0]]
 
 
-@pytest.mark.parametrize("on_loop", [True, False])
 def test_batches_run_on_the_event_loop_or_on_the_inference_thread_as_configured(on_loop):
     threads: list[int] = []
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import threading
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.settings import Settings
 from tests.service.conftest import make_settings
+from tests.support.server import free_port
 from tests.support.waiting import wait_for
 
 LABELS = [str(i) for i in range(10)]
@@ -234,7 +239,7 @@ def test_swap_under_load_has_zero_failed_requests(tmp_path, make_version, server
     assert {v for _, v in results} >= {1, 2, 3}
 
 
-def test_the_server_process_freezes_what_startup_made_and_an_embedded_app_does_not(model_repo):
+def test_an_app_built_to_freeze_startup_freezes_what_startup_made_and_an_embedded_app_does_not(model_repo):
     """gc.freeze() after the models load (the server's own processes only): full collections then skip the
     long-lived startup objects, which were a pause of tens of milliseconds under load."""
     before = gc.get_freeze_count()
@@ -247,3 +252,55 @@ def test_the_server_process_freezes_what_startup_made_and_an_embedded_app_does_n
             assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+class AppSpy:
+    """Stands in for ``create_app``: records how the entry point asked for its app."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, object]] = []
+
+    def __call__(self, settings: Settings, **options: object) -> FastAPI:
+        self.calls.append(options)
+        return FastAPI()
+
+
+def test_the_single_process_server_builds_its_app_frozen(model_repo, monkeypatch):
+    import service.__main__ as entry
+
+    spy = AppSpy()
+    monkeypatch.setattr(entry, "create_app", spy)
+    monkeypatch.setattr(entry.Server, "run", lambda self, sockets=None: None)  # serve nothing
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # leave the test process's handlers alone
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda self: None)  # and its logging
+    entry.serve(make_settings(model_repo, workers=1))
+    assert spy.calls == [{"freeze_startup": True}]
+
+
+def test_every_worker_builds_its_app_frozen(model_repo, monkeypatch, tmp_path):
+    """With several workers the supervisor only holds the factory that each worker calls to build its app."""
+    import service.workers as workers
+
+    spy = AppSpy()
+    supervised: list[uvicorn.Config] = []
+
+    class IdleSupervisor:
+        startup_failed = False
+
+        def __init__(self, config, sockets, *args) -> None:
+            supervised.append(config)
+            for sock in sockets:
+                sock.close()
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(workers, "create_app", spy)
+    monkeypatch.setattr(workers, "Supervisor", IdleSupervisor)
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda self: None)  # leave the test process's logging
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # serve() sets it for the workers: restored after
+    workers.serve(make_settings(model_repo, workers=2, port=free_port()), log_config={})
+    (config,) = supervised
+    assert config.factory and spy.calls == []  # nothing built in the supervisor
+    config.app()  # what each worker does
+    assert len(spy.calls) == 1 and spy.calls[0]["freeze_startup"] is True

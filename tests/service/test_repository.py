@@ -69,12 +69,12 @@ def test_settings_apply_where_config_pbtxt_is_silent_or_absent(tmp_path):
 @pytest.mark.parametrize("text, fragment", [
     ("max_batch_size: eight\n", "max_batch_size"),
     ("no_such_field: 1\n", "no_such_field"),
-    ("dynamic_batching { max_queue_delay_microseconds: 5\n", "dynamic_batching"),
+    ("dynamic_batching { max_queue_delay_microseconds: 5\n", 'Expected "}"'),  # unclosed at the end
 ])
 def test_malformed_config_pbtxt_raises_the_parsers_message(tmp_path, text, fragment):
     with pytest.raises(ConfigError, match="config.pbtxt is malformed") as error:
         _config(tmp_path, text)
-    assert fragment in str(error.value) or "1:" in str(error.value)
+    assert fragment in str(error.value)
 
 
 def test_default_policy_serves_only_the_newest_version(tmp_path, make_version, app_client_factory):

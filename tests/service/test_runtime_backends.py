@@ -10,11 +10,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 
-from service.preprocessing import ImageLimits, ImageSpec, preprocess
 from tests.support.missing import require_module
+from tests.support.oracle import Oracle
 from tests.support.server import ServiceProcess, free_port
 
 # `python -c` this, then the service's own arguments: `import tensorflow` (and keras, which would bring it in)
@@ -43,18 +42,19 @@ def mnist_only(bundled_mnist: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def check_answers_like_the_onnx_model(server: ServiceProcess, models_dir: Path, mnist_pngs) -> None:
-    """Real digits through the upload endpoint and raw rows through KServe v2, against the exported model.onnx."""
-    session = ort.InferenceSession(str(models_dir / "mnist" / "1" / "model.onnx"))
+    """Real digits through the upload endpoint and raw rows through KServe v2, against the exported model.onnx
+    (run by the oracle of tests/support/oracle.py on the digits as its metadata.json documents its input)."""
+    oracle = Oracle(models_dir / "mnist" / "1")
     images = [png for png, _ in mnist_pngs[:8]]
-    limits = ImageLimits(max_bytes=10 << 20, max_pixels=25_000_000)
-    rows = np.stack([preprocess(png, ImageSpec(28, 28, 1, digit=True), limits) for png in images])
-    expected = session.run(None, {"image": rows})[0]
+    rows = oracle.rows(images)
+    expected = oracle.run(rows)
     files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(images)]
     response = httpx.post(f"{server.url}/models/mnist/predict", files=files, timeout=60)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert [p["class_id"] for p in predictions] == expected.argmax(axis=1).tolist()
     assert [p["class_id"] for p in predictions] == [int(label) for _, label in mnist_pngs[:8]]
+    np.testing.assert_allclose([p["score"] for p in predictions], expected.max(axis=1), atol=1e-5)
     body = {"inputs": [{"name": "image", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]}
     response = httpx.post(f"{server.url}/v2/models/mnist/infer", json=body, timeout=60)
     assert response.status_code == 200, response.text

@@ -37,6 +37,10 @@ class ServiceProcess:
     the admission gate on), as a user gets it; ``env`` adds what a test needs otherwise, and says so. Each
     process gets a SQLite state store of its own unless ``env`` names one. ``argv`` replaces
     :func:`default_argv`; give the ``port`` it listens on with it.
+
+    A test that pins ``CONVSERVE_WORKERS`` also gets the batching mode named: ``CONVSERVE_INFERENCE_ON_LOOP=true``,
+    what the defaults give (a worker per CPU: batches on the event loop), unless ``env`` names another. Left at
+    ``auto``, a pinned worker count would put batches on the loop or on a thread by the runner's CPU count.
     """
 
     def __init__(self, models_dir: Path, log: Path | None = None, env: dict[str, str] | None = None,
@@ -51,6 +55,8 @@ class ServiceProcess:
         self.log = open(self.log_path, "w+")
         # A state store of its own (the default kind, a SQLite file), unless the test shares one on purpose.
         env = {"CONVSERVE_STATE_URL": f"sqlite:///{self.log_path.with_suffix('.sqlite')}", **(env or {})}
+        if env.get("CONVSERVE_WORKERS", "auto") != "auto":
+            env.setdefault("CONVSERVE_INFERENCE_ON_LOOP", "true")
         self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **env})
         try:
