@@ -251,3 +251,44 @@ def test_the_gate_lets_everything_else_through_to_the_routes(app_client_factory,
     assert client.post("/v2/models/digits/versions/9/infer", json={}).status_code == 404
     assert client.post("/v2/models/digits/infer", content=b"{not json",
                        headers={"content-type": "application/json"}).status_code == 400
+
+
+def test_on_the_shipped_defaults_a_burst_beyond_the_queue_target_is_refused_by_expected_wait(bundled_server):
+    """The admission gate is on by default (100 ms where batches run on the event loop, the default): bursts of 64-row
+    cifar10 requests, each about 50 ms of compute here, queue far more than 100 ms of work, and the requests behind
+    it are refused at once with 503, Retry-After and the expected wait, counted as queue_delay. Nothing but the
+    bundled models is configured."""
+    import json
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    rows = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(rows.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
+    headers = {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
+    refused = 'convserve_rejected_requests_total{model="cifar10",reason="queue_delay",version="4"}'
+    before = bundled_server.metric(refused)
+    barrier = threading.Barrier(32)
+
+    def call(_: int) -> httpx.Response:
+        with httpx.Client(timeout=120) as client:
+            barrier.wait()
+            return client.post(f"{bundled_server.url}/v2/models/cifar10/infer", content=header + rows.tobytes(),
+                               headers=headers)
+
+    responses: list[httpx.Response] = []
+    with ThreadPoolExecutor(32) as pool:
+        for _ in range(5):  # until each worker has timed a batch (before that it admits everything)
+            responses += pool.map(call, range(32))
+            if any(r.status_code == 503 for r in responses):
+                break
+    delayed = [r for r in responses if r.status_code == 503 and "expected wait" in r.text]
+    assert {r.status_code for r in responses} <= {200, 503}, [r.text for r in responses if r.status_code >= 500]
+    assert delayed, [r.status_code for r in responses]
+    for response in delayed:
+        assert re.fullmatch(r"model cifar10:4 is overloaded \(expected wait \d+ ms, target 100 ms\); retry later",
+                            response.json()["error"]), response.text
+        assert re.fullmatch(r"[1-9]\d*", response.headers["retry-after"]), response.headers
+    assert bundled_server.metric(refused) - before >= len(delayed)
