@@ -136,7 +136,7 @@ def base_image(engine: Engine, container_steps) -> str:
     if shutil.which("debootstrap") is None:
         skip_or_fail("debootstrap is not installed (the local base image needs it)")
     if os.geteuid() != 0:
-        pytest.skip("debootstrap needs root; set CONVSERVE_PYTHON_IMAGE to a Python 3.11 image to run these tests")
+        missing("debootstrap needs root; set CONVSERVE_PYTHON_IMAGE to a Python 3.11 image to run these tests")
     with container_steps.step("base image (scripts/build-base-image.sh; cached after the first build)"):
         result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build-base-image.sh")], capture_output=True,
                                 text=True, timeout=1200, env={**os.environ, "CONTAINER_ENGINE": engine.path})
@@ -302,7 +302,7 @@ def datasets_dir() -> Path:
     """The local datasets (as for the training tests): CONVSERVE_DATA_DIR, else ../shared/datasets."""
     path = Path(os.environ.get("CONVSERVE_DATA_DIR") or REPO_ROOT.parent / "shared" / "datasets")
     if not (path / "mnist.npz").is_file():
-        pytest.skip(f"no local MNIST at {path}/mnist.npz (these tests never download datasets)")
+        missing(f"no local MNIST at {path}/mnist.npz (these tests never download datasets)")
     return path
 
 

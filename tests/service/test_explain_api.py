@@ -86,7 +86,7 @@ def test_lenet_feature_maps_have_the_architecture_shapes(bundled, mnist_pngs) ->
 def test_fashion_mnist_and_cifar10_feature_maps_have_their_architectures_shapes(bundled, mnist_pngs,
                                                                                cifar_jpegs) -> None:
     if not published("fashion-mnist") or not published("cifar10"):
-        pytest.skip("fashion-mnist or cifar10 is not published in this checkout")
+        missing("fashion-mnist or cifar10 is not published in this checkout")
     assert feature_shapes(bundled, "fashion-mnist", mnist_pngs[0][0]) == [
         ("Conv", [28, 28, 32]), ("MaxPool", [14, 14, 32]), ("Conv", [14, 14, 64]), ("MaxPool", [7, 7, 64])]
     block = [("Conv", [32, 32, 32]), ("Conv", [32, 32, 32]), ("MaxPool", [16, 16, 32]),
