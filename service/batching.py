@@ -349,7 +349,8 @@ class Batcher:
                 item.future.set_exception(ClientDisconnected("client disconnected before the request ran"))
                 continue
             if now > item.deadline:
-                waited = min(self.config.timeout_s, item.deadline - item.enqueued)
+                # the wait it was allowed: a client's own deadline may have passed before it was even queued
+                waited = max(0.0, min(self.config.timeout_s, item.deadline - item.enqueued))
                 item.future.set_exception(DeadlineExceeded(
                     f"request waited longer than {waited:.3g}s in the queue of {self._name}"))
                 continue

@@ -131,7 +131,7 @@ def test_a_tighter_client_deadline_is_the_queue_deadline(on_loop):
         client_deadline.set(time.monotonic() + 0.05)  # for the tasks made from here on
         late = asyncio.ensure_future(batcher.submit(ROW))
         await first
-        with pytest.raises(DeadlineExceeded, match=r"waited longer than 0\.0\d*s"):
+        with pytest.raises(DeadlineExceeded, match=r"waited longer than 0(\.0\d*)?s in"):  # 0: gone before queued
             await late
         await batcher.close()
         return model
