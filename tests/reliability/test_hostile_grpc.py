@@ -203,12 +203,17 @@ class TestBytesCountedBeforeSplit:
 
     @staticmethod
     def refusal_seconds(stub, message: pb.ModelInferRequest) -> tuple[grpc.RpcError, float]:
+        """The refusal and the quicker of two sends (a pause of either process, a collection or the scheduler on a
+        shared machine, once cost a single send a second)."""
         import time
 
-        started = time.perf_counter()
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(message, timeout=60)
-        return info.value, time.perf_counter() - started
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(message, timeout=60)
+            times.append(time.perf_counter() - started)
+        return info.value, min(times)
 
     @pytest.mark.parametrize("form", ["raw_input_contents", "bytes_contents"])
     def test_millions_of_empty_elements_are_refused_at_once(self, form, big_stub, no_internals, digits):

@@ -97,9 +97,10 @@ def test_a_retrained_version_is_shadowed_then_canaried_then_promoted_with_no_fai
         shutil.copytree(repo / "mnist" / "1", repo / "mnist" / "2")  # the same network: a retrain that agrees
         state = wait_for(server.url, lambda s: s["stable"] == "2" and s["candidate"] is None)
     assert traffic.failures == [] and set(traffic.statuses) == {200}
-    assert ("shadow", "2") in state["seen"]
+    # Each phase started once, by one of the two workers, in this order (the log says so; polling the state could
+    # miss a shadow phase that passes between two polls).
     phases = re.findall(r'"msg":"rollout started".*?"candidate":2,"mode":"(\w+)"', server.output())
-    assert phases == ["shadow", "canary"]  # each phase started once, by one of the two workers
+    assert phases == ["shadow", "canary"]
     assert traffic.versions["2"] > 0 and traffic.versions["1"] > 0
     (decision,) = state["history"]
     assert (decision["version"], decision["decision"]) == ("2", "promoted")
