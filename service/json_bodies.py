@@ -154,24 +154,23 @@ def requested_outputs(payload: dict[str, Any], known: frozenset[str]) -> list[tu
     return result
 
 
-def v2_json_size(header: str | None, body: bytes) -> int:
-    """The size of a v2 body's JSON part: the whole body, or the header's bytes before the binary tensor data."""
-    return len(body) if header is None else min(ascii_count(header, V2_HEADER_LENGTH), len(body))
-
-
-def decode_v2(header: str | None, body: bytes, spec: TensorSpec) -> V2Request:
-    """A v2 inference request: JSON, or (binary tensor extension) a JSON header of ``header`` bytes
-    (Inference-Header-Content-Length) followed by the raw tensor."""
-    binary = memoryview(b"")
-    n = len(body) if header is None else ascii_count(header, V2_HEADER_LENGTH)
+def v2_json_end(header: str | None, body: bytes) -> int:
+    """Where a v2 body's JSON ends: at its end, or (binary tensor extension) after the ``header`` bytes that
+    Inference-Header-Content-Length gives, before the raw tensor data."""
+    if header is None:
+        return len(body)
+    n = ascii_count(header, V2_HEADER_LENGTH)
     if n > len(body):
         raise InvalidInput(f"{V2_HEADER_LENGTH} must be a byte count no larger than the body")
-    check_structure(body, 1 + spec.max_rows * row_lists(spec.row_shape), n)  # the data, nested to its rows
-    if header is None:
-        payload = parse_json(body)
-    else:
-        view = memoryview(body)
-        payload, binary = parse_json(view[:n]), view[n:]
+    return n
+
+
+def decode_v2(json_end: int, body: bytes, spec: TensorSpec) -> V2Request:
+    """A v2 inference request: its JSON (``body`` up to ``json_end``, :func:`v2_json_end`) and the raw tensor data
+    after it, if any (binary tensor extension)."""
+    check_structure(body, 1 + spec.max_rows * row_lists(spec.row_shape), json_end)  # the data, nested to its rows
+    view = memoryview(body)
+    payload, binary = parse_json(view[:json_end]), view[json_end:]
     if not isinstance(payload, dict):
         raise InvalidInput("inference request must be a JSON object")
     inputs = payload.get("inputs")
@@ -315,10 +314,6 @@ class JsonDecoder:
             self._executor.shutdown(wait=False)
         self._executor = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
         return self._executor
-
-    @property
-    def running(self) -> bool:
-        return self._executor is not None
 
     def close(self) -> None:
         """Stop the JSON process (a body still decoding there is answered 503); the next large body starts one."""

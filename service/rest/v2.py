@@ -15,7 +15,7 @@ from starlette.responses import Response
 from service import __version__, tracing
 from service.batching import Outputs
 from service.dataplane import DataPlane
-from service.json_bodies import V2_HEADER_LENGTH, TensorSpec, V2Request, decode_v2, v2_json_size
+from service.json_bodies import V2_HEADER_LENGTH, TensorSpec, V2Request, decode_v2, v2_json_end
 from service.limits import check_response_bytes
 from service.repository import ModelVersion
 from service.responses import dumps, json_response
@@ -70,9 +70,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     settings = dataplane.settings
     async with dataplane.admitted(name, version, rollout_key(request)) as mv:
         body = await read_body(request, settings.max_body_bytes)
-        header = request.headers.get(V2_HEADER_LENGTH)
         with tracing.stage("decode"):  # a large JSON part in the worker's JSON process
-            decoded = await dataplane.json_decoder.run(v2_json_size(header, body), decode_v2, header, body,
+            json_end = v2_json_end(request.headers.get(V2_HEADER_LENGTH), body)
+            decoded = await dataplane.json_decoder.run(json_end, decode_v2, json_end, body,
                                                        TensorSpec.of(mv, settings.max_request_rows))
             rows = dataplane.check_rows(mv, decoded.tensor)
         check_response_bytes(response_bytes(mv, len(rows), decoded.outputs), settings.max_response_bytes)
