@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.deploy.test_workers import ready_workers, start_two_workers, worker_pids
+from tests.deploy.test_workers import ready_workers, start_two_workers
 from tests.support.server import ServiceProcess
+from tests.support.workers import worker_pids
 
 COUNTED = ("convserve_http_requests_total", "convserve_http_request_duration_seconds_bucket",
            "convserve_http_request_duration_seconds_count", "convserve_http_request_duration_seconds_sum",

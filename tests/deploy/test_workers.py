@@ -29,7 +29,7 @@ from tests.deploy.test_graceful_shutdown import probe
 from tests.support.models import write_digit_version
 from tests.support.server import ServiceProcess
 from tests.support.waiting import wait_for
-from tests.support.workers import answered_by, clients_on_each_worker, close_all, wait_for_log
+from tests.support.workers import answered_by, clients_on_each_worker, close_all, wait_for_log, worker_pids
 
 TOKEN = "workers-test-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -39,19 +39,6 @@ PREDICT_ROUTE = "/models/{name}/predict"
 def start_two_workers(start_service: Callable[..., ServiceProcess], models_dir: Path, **env: str) -> ServiceProcess:
     return start_service(models_dir, CONVSERVE_WORKERS="2", CONVSERVE_ACCESS_LOG="true",
                          CONVSERVE_REPOSITORY_POLL_SECONDS="0", CONVSERVE_ADMIN_TOKEN=TOKEN, **env)
-
-
-def worker_pids(service: ServiceProcess) -> set[int]:
-    """The supervisor's worker processes (multiprocessing's spawned children, not its resource tracker)."""
-    children = Path(f"/proc/{service.pid}/task/{service.pid}/children").read_text().split()
-    pids = set()
-    for pid in map(int, children):
-        try:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.add(pid)
-        except OSError:
-            pass
-    return pids
 
 
 def ready_workers(service: ServiceProcess) -> set[int]:

@@ -21,6 +21,8 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
+from tests.support.workers import children_of, worker_pids
+
 ROW = 28 * 28
 V2 = "/v2/models/mnist/infer"
 TF = "/v1/models/mnist:predict"
@@ -728,7 +730,7 @@ class TestLargeJsonTensors:
         path, slow, _ = self.large_body("tf instances")
         client = httpx.Client(base_url=big_bodies.url, timeout=120)  # one connection: one worker
         assert client.post(TF, content=good, headers={"content-type": "application/json"}).status_code == 200
-        parsers = [c for worker in children_of(big_bodies.pid) for c in children_of(worker)]
+        parsers = [c for worker in worker_pids(big_bodies) for c in children_of(worker)]
         assert parsers, "no JSON process after a large body"
         answer: list[httpx.Response] = []
         sender = threading.Thread(target=lambda: answer.append(
@@ -792,11 +794,6 @@ def while_probing(server, action, clients: int = 8) -> tuple[Any, float, list[fl
             connection.close()
     assert errors == [], errors
     return result, took, [max(seen[start:], default=took) for seen, start in zip(latencies, idle)]
-
-
-def children_of(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 class TestJsonDataBoundedByItsShape:

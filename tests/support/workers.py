@@ -1,14 +1,32 @@
-"""Which worker process answered what, for tests of a service with several workers, read from its access log
-(every line carries the worker's ``pid``; the service needs ``CONVSERVE_ACCESS_LOG=true``)."""
+"""The worker processes of a service with several workers, and which of them answered what, read from its access
+log (every line carries the worker's ``pid``; the service needs ``CONVSERVE_ACCESS_LOG=true``)."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 
 from tests.support.server import ServiceProcess
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes ``pid`` started (its main thread's children)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def worker_pids(service: ServiceProcess) -> set[int]:
+    """The supervisor's worker processes (multiprocessing's spawned children, not its resource tracker)."""
+    pids = set()
+    for pid in children_of(service.pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except OSError:
+            pass
+    return pids
 
 
 def answered_by(service: ServiceProcess, prefix: str) -> dict[str, int]:
